@@ -47,6 +47,7 @@ class Retriever:
         self._search_batch.set_max_batch_size(self.rcfg.max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(self.rcfg.batch_wait_timeout_s)
         self.batches = 0
+        self.search_seconds = 0.0
         log.info("retriever replica ready: %d passages, encoder %s, %.1fs", self.count,
                  self.searcher.meta["encoder"]["name"], time.perf_counter() - t0)
 
@@ -56,7 +57,9 @@ class Retriever:
         top-k, then each call gets its own queries cut to its own top-k."""
         queries = [q for qs, _ in calls for q in qs]
         k = max(topk for _, topk in calls)
+        t0 = time.perf_counter()
         hits = await asyncio.to_thread(self.searcher.search, queries, k)
+        self.search_seconds += time.perf_counter() - t0
         self.batches += 1
         out, start = [], 0
         for qs, topk in calls:
@@ -90,6 +93,7 @@ class Retriever:
     def stats(self) -> dict:
         import ray
         return {"passages": self.count, "batches": self.batches,
+                "search_seconds": round(self.search_seconds, 3),
                 "replica": ray.get_runtime_context().get_actor_id()}
 
     def check_health(self) -> None:

@@ -150,11 +150,12 @@ class RolloutWorker:
         self._version = int(version)
         return time.perf_counter() - t0
 
-    def init_broadcast_group(self, master_address: str, master_port: int, rank: int,
-                             world_size: int, backend: str) -> bool:
+    def init_broadcast_group(self, master_address: str, master_port: int, rank_offset: int,
+                             world_size: int, backend: str) -> list[int]:
+        """Every engine rank joins the weight-sync group (ranks rank_offset … + tp - 1)."""
         return self.llm.collective_rpc("init_weight_broadcast_group",
-                                       args=(master_address, master_port, rank, world_size,
-                                             backend))[0]
+                                       args=(master_address, master_port, rank_offset,
+                                             world_size, backend))
 
     def receive_broadcast(self, metas: list, version: int) -> float:
         self._threads_here()
@@ -450,8 +451,9 @@ class RolloutPool:
                         if b.attempts > _MAX_TASK_RETRIES:
                             raise RuntimeError(f"rollout: batch {b.bid} failed {b.attempts} times; "
                                                f"last error: {e}") from e
+                        lines = [x for x in str(e).strip().splitlines() if x.strip()]
                         log.warning("rollout batch %d failed on worker %d (%s); retrying", b.bid,
-                                    w.wid, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                                    w.wid, lines[-1] if lines else type(e).__name__)
                         queue.append(b)
                         resubmitted += 1
                         continue
@@ -581,16 +583,19 @@ class RolloutPool:
 
     def open_broadcast_group(self, master_address: str, master_port: int,
                              backend: str = "nccl") -> tuple[int, list]:
-        """Start every live worker joining a weight-sync group as ranks 1..N. The trainer must
+        """Start every live worker joining a weight-sync group as ranks 1..N (N = workers x
+        tensor-parallel size: every engine rank receives the full weights). The trainer must
         join as rank 0 at the same time (``weight_sync.open_group(addr, port, 0, world_size,
         backend)``), then ``ray.get`` the returned refs. Returns (world_size, refs). Scaling or
         losing a worker makes the group stale: open a new one (on a new port)."""
         self.wait_ready()
         with self._lock:
             ws = [w for w in sorted(self._workers.values(), key=lambda w: w.wid) if not w.retiring]
-            world = len(ws) + 1
-            refs = [w.handle.init_broadcast_group.remote(master_address, master_port, i + 1, world,
-                                                         backend) for i, w in enumerate(ws)]
+            tp = self.cfg.rollout.tensor_parallel_size
+            world = len(ws) * tp + 1
+            refs = [w.handle.init_broadcast_group.remote(master_address, master_port, 1 + i * tp,
+                                                         world, backend)
+                    for i, w in enumerate(ws)]
             self._group = {"wids": [w.wid for w in ws], "stale": False, "world_size": world}
         return world, refs
 
@@ -602,6 +607,8 @@ class RolloutPool:
             if self._group is None or self._group["stale"]:
                 raise RuntimeError("rollout: no current broadcast group (the pool was scaled or "
                                    "lost a worker); call open_broadcast_group again")
+            metas = [[m.name, m.dtype, list(m.shape)] if hasattr(m, "name") else list(m)
+                     for m in metas]  # plain lists cross vLLM's RPC in any executor
             self.version = int(version)
             self._weights = None  # only broadcasts hold these weights now
             refs = []

@@ -13,7 +13,7 @@ start-up, the cost of installing a new checkpoint (adapter load on the first req
 reload), generation throughput with and without the adapter, peak RSS; and how often the greedy
 outputs of the two variants agree with each other and with the base model. The adapter is a
 fixed random one (rank/alpha/targets from the config, B ~ N(0, --b-std)) so the run needs no
-training. Last line: ``throughput_ratio=<lora/merged>``.
+training. Throughputs are the best of --repeats runs (the machine may be shared). Last line: ``throughput_ratio=<lora/merged>``.
 
     python bench/opsd_validation.py
     python bench/opsd_validation.py --prompts 64 --max-tokens 128
@@ -63,7 +63,7 @@ def make_adapter(policy: str, out: Path, b_std: float, seed: int) -> None:
     save_file(merged_state_dict(pm, dtype=torch.bfloat16), str(out / "merged.safetensors"))
 
 
-def run_variant(variant: str, policy: str, work: Path, n: int, max_tokens: int) -> dict:
+def run_variant(variant: str, policy: str, work: Path, n: int, max_tokens: int, repeats: int = 3) -> dict:
     from transformers import AutoTokenizer
 
     from searche1_ray.config import load_config
@@ -82,12 +82,16 @@ def run_variant(variant: str, policy: str, work: Path, n: int, max_tokens: int) 
     llm = build_llm(cfg.rollout, policy, extra=extra, max_model_len=2048)
     res: dict = {"variant": variant, "start_s": time.perf_counter() - t0}
 
-    def gen(**kw):
-        t = time.perf_counter()
-        outs = llm.generate(inputs, params, use_tqdm=False, **kw)
-        dt = time.perf_counter() - t
-        toks = sum(len(o.outputs[0].token_ids) for o in outs)
-        return [list(o.outputs[0].token_ids) for o in outs], toks / dt, dt
+    def gen(**kw):  # best of ``repeats`` runs: the machine is shared, the fastest run is the engine's
+        best = None
+        for _ in range(repeats):
+            t = time.perf_counter()
+            outs = llm.generate(inputs, params, use_tqdm=False, **kw)
+            dt = time.perf_counter() - t
+            if best is None or dt < best[2]:
+                toks = sum(len(o.outputs[0].token_ids) for o in outs)
+                best = ([list(o.outputs[0].token_ids) for o in outs], toks / dt, dt)
+        return best
 
     base_ids, res["base_tok_s"], _ = gen()
     if variant == "lora":
@@ -119,6 +123,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--b-std", type=float, default=0.02, help="std of the random LoRA B matrices")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="generation runs per measurement (the fastest counts)")
     p.add_argument("--variant", choices=["lora", "merged"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -126,7 +131,7 @@ def main() -> None:
 
     policy = resolve_model()
     if args.variant:  # child process
-        res = run_variant(args.variant, policy, Path(args.work), args.prompts, args.max_tokens)
+        res = run_variant(args.variant, policy, Path(args.work), args.prompts, args.max_tokens, args.repeats)
         print("RESULT " + json.dumps(res))
         return
     with tempfile.TemporaryDirectory(prefix="opsd-val-") as d:
@@ -135,7 +140,8 @@ def main() -> None:
         results = {}
         for variant in ("merged", "lora"):
             cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work),
-                   "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens)]
+                   "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens),
+                   "--repeats", str(args.repeats)]
             env = dict(os.environ, PYTHONPATH=str(ROOT))
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

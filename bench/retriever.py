@@ -10,8 +10,14 @@ latency for
   baseline      FastAPI + uvicorn in one process, encoding and searching each request on its own
                 (Search-R1's retrieval_server.py design: a sync endpoint, one request at a time
                 per thread), run after Ray is shut down so it has the machine to itself
+  baseline-serial  the same server with an async endpoint: requests run one after another
+                (no thread pile-up; the strongest single-process variant)
 
-Last line: ``serve_vs_baseline_qps_at_32=<serve-http q/s / baseline q/s at 32 clients>``.
+Each level stops issuing requests after 60 s (the table shows how many completed) and records
+the 1-minute load average, since other work on the machine skews everything.
+
+Last line: ``serve_vs_baseline_qps_at_32=<serve-http q/s / baseline q/s at 32 clients>``; the line
+before it gives the same ratio against baseline-serial.
 
     python -m bench.retriever                                  # configs/smoke.yaml
     python -m bench.retriever --set retriever.num_cpus=1 --requests 200,400,800
@@ -47,7 +53,7 @@ class QueryRequest(BaseModel):          # Search-R1's request model
     return_scores: bool = False
 
 
-def baseline_server(index_dir: str, port: int, encoder: str) -> None:
+def baseline_server(index_dir: str, port: int, encoder: str, serial: bool = False) -> None:
     import uvicorn
     from fastapi import FastAPI
 
@@ -57,12 +63,20 @@ def baseline_server(index_dir: str, port: int, encoder: str) -> None:
     searcher = Searcher(index_dir, RetrieverConfig(encoder=encoder))
     app = FastAPI()
 
-    @app.post("/retrieve")
-    def retrieve(request: QueryRequest):    # sync, like Search-R1: one request, one encode
+    def answer(request: QueryRequest) -> dict:
         hits = searcher.search(request.queries, request.topk or 3)
         if request.return_scores:
             return {"result": hits}
         return {"result": [[h["document"] for h in per] for per in hits]}
+
+    if serial:   # async endpoint that blocks the loop: one request at a time, no thread pile-up
+        @app.post("/retrieve")
+        async def retrieve_serial(request: QueryRequest):
+            return answer(request)
+    else:        # sync, like Search-R1: FastAPI's thread pool, one encode per request
+        @app.post("/retrieve")
+        def retrieve(request: QueryRequest):
+            return answer(request)
 
     @app.get("/health")
     def health():
@@ -73,15 +87,22 @@ def baseline_server(index_dir: str, port: int, encoder: str) -> None:
 
 # --- clients ------------------------------------------------------------------------------
 
+MAX_SECONDS_PER_LEVEL = 60.0
+
+
 async def _run_level(send, queries: list[str], clients: int, total: int,
                      batches=None) -> dict:
-    """``total`` requests from ``clients`` concurrent workers; ``batches`` (sync, optional)
-    reads the server's batch counter, giving the mean number of requests per batch."""
+    """``total`` requests from ``clients`` concurrent workers (no new request after
+    ``MAX_SECONDS_PER_LEVEL``); ``batches`` (sync, optional) reads the server's batch counter,
+    giving the mean number of requests per batch."""
     latencies: list[float] = []
     counter = iter(range(total))
+    deadline = time.perf_counter() + MAX_SECONDS_PER_LEVEL
 
     async def worker():
         for i in counter:
+            if time.perf_counter() > deadline:
+                break
             t0 = time.perf_counter()
             await send(queries[i % len(queries)])
             latencies.append(time.perf_counter() - t0)
@@ -92,9 +113,10 @@ async def _run_level(send, queries: list[str], clients: int, total: int,
     wall = time.perf_counter() - t0
     after = await asyncio.to_thread(batches) if batches else 0
     lat = np.array(latencies) * 1000
-    row = {"clients": clients, "requests": total, "qps": total / wall,
+    done = len(latencies)
+    row = {"clients": clients, "requests": done, "qps": done / wall, "load": os.getloadavg()[0],
            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-           "per_batch": total / (after - before) if batches and after > before else float("nan")}
+           "per_batch": done / (after - before) if batches and after > before else float("nan")}
     log.info("%d clients: %.1f q/s, p50 %.1f ms, p99 %.1f ms, %.1f requests per batch", clients,
              row["qps"], row["p50_ms"], row["p99_ms"], row["per_batch"])
     return row
@@ -157,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-dir", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--encoder", default="minilm", help=argparse.SUPPRESS)
+    p.add_argument("--serial", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.baseline_server:
-        baseline_server(args.index_dir, args.port, args.encoder)
+        baseline_server(args.index_dir, args.port, args.encoder, args.serial)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -192,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads((Path(index_dir) / "meta.json").read_text())
         log.info("app up in %.1fs; index: %d passages, built in %.1fs", time.perf_counter() - t0,
                  meta["count"], meta["build_seconds"])
+
         def batches():
             return handle.stats.remote().result()["batches"]
         results["serve-http"] = asyncio.run(bench_http(url, queries, levels, batches))
@@ -201,30 +225,34 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.retriever", "--baseline-server",
-                             "--index-dir", str(index_dir), "--port", str(port),
-                             "--encoder", cfg.retriever.encoder], cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", proc)
-        results["baseline"] = asyncio.run(bench_http(f"http://127.0.0.1:{port}/retrieve",
-                                                     queries, levels))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    for name, extra in (("baseline", []), ("baseline-serial", ["--serial"])):
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "bench.retriever", "--baseline-server",
+                                 "--index-dir", str(index_dir), "--port", str(port),
+                                 "--encoder", cfg.retriever.encoder, *extra], cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/health", proc)
+            log.info("%s", name)
+            results[name] = asyncio.run(bench_http(f"http://127.0.0.1:{port}/retrieve",
+                                                   queries, levels))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
     print(f"\nretriever bench: {meta['count']} passages, {cfg.retriever.encoder}, "
           f"{meta['index']['type']}; serve replica num_cpus={cfg.retriever.num_cpus}, "
           f"max_batch_size={cfg.retriever.max_batch_size}; load average before: {load0}")
-    print(f"{'server':<14}{'clients':>8}{'requests':>10}{'q/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
-          f"{'req/batch':>11}")
+    print(f"{'server':<16}{'clients':>8}{'requests':>10}{'q/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+          f"{'req/batch':>11}{'load':>7}")
     for name, rows in results.items():
         for r in rows:
-            print(f"{name:<14}{r['clients']:>8}{r['requests']:>10}{r['qps']:>10.1f}"
-                  f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['per_batch']:>11.1f}")
+            print(f"{name:<16}{r['clients']:>8}{r['requests']:>10}{r['qps']:>10.1f}"
+                  f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['per_batch']:>11.1f}{r['load']:>7.1f}")
     at = {name: {r["clients"]: r["qps"] for r in rows} for name, rows in results.items()}
     top = max(clients)
+    print(f"serve_vs_serial_baseline_qps_at_{top}="
+          f"{at['serve-http'][top] / at['baseline-serial'][top]:.2f}")
     print(f"serve_vs_baseline_qps_at_{top}={at['serve-http'][top] / at['baseline'][top]:.2f}")
     return 0
 

@@ -199,13 +199,14 @@ def run_search_loop(tasks: Sequence[Task], generate: GenerateFn, retrieve: Retri
     def room(st: _State) -> int:
         return s.max_response_tokens - len(st.ids)
 
-    def observe(st: _State, ids: list[int]) -> None:
+    def observe(st: _State, ids: list[int]) -> bool:
         # an observation is appended only if a policy turn still fits after it
         if len(ids) >= room(st):
             st.done, st.finish_reason = True, "length"
-            return
+            return False
         st.add(ids, _decode(tokenizer, ids), by_policy=False)
         stats["observation_tokens"] += len(ids)
+        return True
 
     def force(st: _State) -> None:
         st.forced = True
@@ -277,9 +278,10 @@ def run_search_loop(tasks: Sequence[Task], generate: GenerateFn, retrieve: Retri
                 raise RuntimeError(f"rollout: the retriever returned {len(hits)} hit lists for "
                                    f"{len(queries)} queries")
             for (st, q), h in zip(searching, hits):
-                st.num_searches += 1
-                st.queries.append(q)
-                observe(st, information_ids(tokenizer, h, s.max_information_tokens))
+                # a search counts once its results are in the context (not when they did not fit)
+                if observe(st, information_ids(tokenizer, h, s.max_information_tokens)):
+                    st.num_searches += 1
+                    st.queries.append(q)
     rows = [_row(st, policy_version) for st in states]
     return rows, stats
 

@@ -179,14 +179,17 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=stream())
         return count
 
-    def init_weight_broadcast_group(self, master_address: str, master_port: int, rank: int,
-                                    world_size: int, backend: str) -> bool:
-        """Join the trainer's weight-sync group as ``rank`` (see engine/weight_sync.py)."""
+    def init_weight_broadcast_group(self, master_address: str, master_port: int,
+                                    rank_offset: int, world_size: int, backend: str) -> int:
+        """Join the trainer's weight-sync group (see engine/weight_sync.py) as rank
+        ``rank_offset + this worker's rank`` (each tensor-parallel rank of an engine is a
+        member: every one needs the full weights to load its shard). Returns that rank."""
         from searche1_ray.engine.weight_sync import open_group
 
+        rank = int(rank_offset) + int(getattr(self, "rank", 0))
         self._searche1_weight_group = open_group(master_address, master_port, rank, world_size,
                                                  backend)
-        return True
+        return rank
 
     def receive_weight_broadcast(self, metas: list) -> int:
         """Receive one broadcast of the whole state dict from rank 0 and load it as it arrives."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -38,10 +38,10 @@ def tensor_meta(state_dict: Mapping[str, torch.Tensor]) -> list[TensorMeta]:
 
 
 def open_group(master_address: str, master_port: int, rank: int, world_size: int,
-               backend: str = "gloo", timeout_s: float = 600.0):
+               backend: str = "gloo", timeout_s: float = 600.0) -> "WeightGroup":
     """Join the weight-sync group. Rank 0 (the trainer) hosts the TCPStore; the others connect.
     Every rank must call this at about the same time (the constructor blocks until all joined).
-    Returns a torch ``ProcessGroup`` usable with :func:`broadcast_state_dict` /
+    Returns a :class:`WeightGroup` usable with :func:`broadcast_state_dict` /
     :func:`receive_state_dict`; it does not touch (or need) the default process group."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"weight sync: backend must be 'gloo' or 'nccl', got {backend!r}")
@@ -57,38 +57,49 @@ def open_group(master_address: str, master_port: int, rank: int, world_size: int
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    pg._searche1_store = store  # keep the store (and rank 0's server) alive with the group
-    pg._searche1_backend = backend
-    return pg
+    return WeightGroup(pg, store, backend, rank, world_size)
 
 
-def _device(pg) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if pg._searche1_backend == "nccl" \
-        else torch.device("cpu")
+@dataclass
+class WeightGroup:
+    """A joined weight-sync group; it holds the store, so rank 0's server lives as long."""
+    pg: Any
+    store: Any
+    backend: str
+    rank: int
+    world_size: int
+
+    @property
+    def device(self) -> torch.device:
+        if self.backend == "nccl":  # pragma: no cover - needs GPUs
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
-def _broadcast(pg, tensor: torch.Tensor) -> None:
+def _broadcast(group: WeightGroup, tensor: torch.Tensor) -> None:
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    pg.broadcast([tensor], opts).wait()
+    group.pg.broadcast([tensor], opts).wait()
 
 
-def broadcast_state_dict(pg, state_dict: Mapping[str, torch.Tensor]) -> int:
+def broadcast_state_dict(group: WeightGroup, state_dict: Mapping[str, torch.Tensor]) -> int:
     """Rank 0: send every tensor, in ``tensor_meta(state_dict)`` order. Returns bytes sent."""
-    dev = _device(pg)
+    dev = group.device
     sent = 0
     for t in state_dict.values():
         t = t.detach().to(dev).contiguous()
-        _broadcast(pg, t)
+        _broadcast(group, t)
         sent += t.numel() * t.element_size()
     return sent
 
 
-def receive_state_dict(pg, metas: list[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+def receive_state_dict(group: WeightGroup, metas: list) -> Iterator[tuple[str, torch.Tensor]]:
     """Ranks ≥ 1: yield ``(name, tensor)`` as each broadcast arrives (lazy: feed it straight into
     a weight loader). The caller must exhaust the iterator, or the group deadlocks."""
-    dev = _device(pg)
+    dev = group.device
     for m in metas:
+        if not isinstance(m, TensorMeta):  # plain [name, dtype, shape] (RPC-friendly form)
+            m = TensorMeta(str(m[0]), str(m[1]), tuple(int(x) for x in m[2]))
         t = torch.empty(tuple(m.shape), dtype=getattr(torch, m.dtype), device=dev)
-        _broadcast(pg, t)
+        _broadcast(group, t)
         yield m.name, t

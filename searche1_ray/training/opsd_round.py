@@ -23,11 +23,12 @@ and what is measured is exactly the merged policy that is kept. See the round's 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from searche1_ray.config import Config
 
@@ -44,6 +45,27 @@ def select_best(evals: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if e["em"] > best["em"]:
             best = e
     return best
+
+
+class BestCheckpoint:
+    """The best-EM checkpoint of a round so far, on disk: ``offer`` records an evaluation and,
+    when it is the new best (``select_best``: strictly higher EM than every earlier one), saves
+    it with ``save()`` and deletes the previous best's folder. ``save=None`` stands for the
+    starting policy (nothing to write; ``folder`` None)."""
+
+    def __init__(self) -> None:
+        self.evals: list[dict[str, Any]] = []
+        self.kept: dict[str, Any] | None = None   # the best record, with its "folder"
+
+    def offer(self, record: dict[str, Any], save: Callable[[], str] | None) -> bool:
+        self.evals.append(record)
+        if select_best(self.evals) is not record:
+            return False
+        folder = save() if save is not None else None
+        if self.kept is not None and self.kept["folder"]:
+            shutil.rmtree(self.kept["folder"], ignore_errors=True)
+        self.kept = {**record, "folder": folder}
+        return True
 
 
 def batch_schedule(num_samples: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -130,15 +152,14 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
     if not samples or o.steps == 0:
         log.warning("opsd: %s; the policy is kept unchanged",
                     "no pairs (no question had a correct rollout)" if not samples else "opsd.steps = 0")
-        metrics["perf/opsd_round_s"] = time.time() - t_round
+        metrics.update({"opsd/evals": [], "opsd/history": [], "opsd/best_step": 0,
+                        "eval/em": float("nan"), "perf/opsd_round_s": time.time() - t_round})
         return policy, metrics
 
     # 3-4. train with validation
-    evals: list[dict[str, Any]] = []
-    kept: dict[str, Any] | None = None
+    best = BestCheckpoint()
 
     def validate(step: int, weights_ref: Any) -> None:
-        nonlocal kept
         t = time.time()
         if weights_ref is not None:
             pool.update_weights(weights_ref, version)
@@ -147,15 +168,11 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
                            progress=progress)
         rec = {"step": step, "em": r["em"], "n": r["n"], "num_searches": r["num_searches"],
                "eval_s": time.time() - t}
-        evals.append(rec)
         metrics[f"eval/em_step{step}"] = r["em"]
-        if select_best(evals) is rec and step > 0:
-            folder = runner.save_checkpoint(str(out / "checkpoints" / f"step{step:04d}"))
-            if kept is not None:
-                shutil.rmtree(kept["folder"], ignore_errors=True)
-            kept = {**rec, "folder": folder}
+        save = (lambda: runner.save_checkpoint(str(out / "checkpoints" / f"step{step:04d}"))) if step else None
+        is_best = best.offer(rec, save)
         log.info("opsd: step %d dev EM %.3f (%d questions, %.1f s)%s", step, r["em"], r["n"],
-                 rec["eval_s"], " <- best" if select_best(evals) is rec else "")
+                 rec["eval_s"], " <- best so far" if is_best else "")
 
     t0 = time.time()
     runner = TrainRunner(cfg, policy, OPSDTask(cfg, pad_id=tokenizer.pad_token_id or 0), out / "train")
@@ -176,15 +193,15 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
             if dev_questions and (step % o.eval_every == 0 or step == o.steps):
                 validate(step, runner.get_weights_ref())
         if not dev_questions:  # nothing to select with: keep the last step
-            folder = runner.save_checkpoint(str(out / "checkpoints" / f"step{o.steps:04d}"))
-            kept = {"step": o.steps, "em": float("nan"), "folder": folder}
+            best.offer({"step": o.steps, "em": float("nan")},
+                       lambda: runner.save_checkpoint(str(out / "checkpoints" / f"step{o.steps:04d}")))
     finally:
         runner.stop()
 
-    # 5. the next policy
-    best = select_best(evals) if evals else kept
+    # 5. the next policy: the kept checkpoint (already merged: W + ΔW), or the starting policy
+    kept, evals = best.kept, [e for e in best.evals if math.isfinite(e["em"])]
     next_policy = policy
-    if kept is not None and best is not None and best["step"] == kept["step"]:
+    if kept is not None and kept["folder"]:
         final = out / "policy"
         if final.exists():
             shutil.rmtree(final)
@@ -194,8 +211,8 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
         "opsd/kl_first": history[0].get("opsd/kl", 0.0), "opsd/kl_last": history[-1].get("opsd/kl", 0.0),
         "opsd/kl": sum(h.get("opsd/kl", 0.0) for h in history) / len(history),
         "opsd/clip_frac": sum(h.get("opsd/clip_frac", 0.0) for h in history) / len(history),
-        "opsd/best_step": best["step"] if best else o.steps,
-        "eval/em": best["em"] if best else float("nan"),
+        "opsd/best_step": kept["step"] if kept else 0,
+        "eval/em": kept["em"] if kept else float("nan"),
         "eval/em_start": evals[0]["em"] if evals else float("nan"),
         "opsd/evals": evals, "opsd/history": history,
         "perf/opsd_train_s": train_s,

@@ -8,6 +8,7 @@ by ``pairs.mine_group`` exactly as the round does.
 """
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -212,43 +213,86 @@ def test_opsd_task_under_the_ray_train_runner(ray_cluster, policy, tok, tmp_path
 # ------------------------------------------------------------------------------ the whole round
 
 def test_opsd_round_end_to_end(ray_cluster, policy, tmp_path):
-    pytest.importorskip("actors.rollout_worker", reason="the rollout pool (helper-4) is not written yet")
+    """Warm start (the raw SmolLM2 never answers in the protocol, so no pair could be mined) →
+    rollout pool on the warm policy → a tiny OPSD round on questions the warm start saw."""
     from actors.retriever import start_retriever
     from actors.rollout_worker import RolloutPool
     from searche1_ray.data.prepare import prepare_data
     from searche1_ray.data.readers import read_qa
     from searche1_ray.training.opsd_round import run_opsd_round, select_best
+    from searche1_ray.training.warmstart import oracle_training_examples, run_warmstart
 
     cfg = _config(f"data.dir={tmp_path / 'world'}", "data.world.num_questions=60",
                   f"retriever.port={_free_port()}", f"retriever.index_dir={tmp_path / 'index'}",
+                  "warmstart.num_examples=32", "warmstart.epochs=3", "warmstart.lr=5e-4",
                   "opsd.questions_per_round=8", "opsd.samples_per_question=3", "opsd.steps=4",
-                  "opsd.eval_every=2", "rollout.max_searches=2", "rollout.max_turn_tokens=64",
-                  "rollout.max_response_tokens=384", "rollout.questions_per_batch=8")
+                  "opsd.eval_every=2", "rollout.max_turn_tokens=64", "rollout.questions_per_batch=8")
     data = prepare_data(cfg)
-    train, dev = read_qa(data.train), read_qa(data.dev)[:6]
+    mem = _PeakMemory()
+    t0 = time.time()
+    warm, wm = run_warmstart(cfg, policy, str(tmp_path / "warm"), data)
+    warm_s = time.time() - t0
+    seen = {e["question_id"] for e in oracle_training_examples(cfg, data)}
+    train = [q for q in read_qa(data.train) if q["id"] in seen]
+    dev = read_qa(data.dev)[:6]
     handle, _ = start_retriever(cfg, str(data.corpus), str(tmp_path / "index"))
-    pool = RolloutPool(cfg, policy, handle)
+    pool = RolloutPool(cfg, warm, handle)
     try:
         t0 = time.time()
-        folder, metrics = run_opsd_round(cfg, pool, policy, train, dev, tmp_path / "opsd", version=1,
+        folder, metrics = run_opsd_round(cfg, pool, warm, train, dev, tmp_path / "opsd", version=1,
                                          progress=False)
         round_s = time.time() - t0
     finally:
         pool.shutdown()
-    evals = metrics["opsd/evals"]
+        mem.stop()
     print(json.dumps({k: v for k, v in metrics.items() if k != "opsd/history"}, indent=1, default=str))
-    print(f"round {round_s:.0f} s")
+    print(f"warm start {warm_s:.0f} s (loss {wm['warmstart/loss_first']:.3f} -> {wm['warmstart/loss_last']:.3f}); "
+          f"OPSD round {round_s:.0f} s; peak RSS of this test's processes {mem.peak_gib:.1f} GiB")
     assert (tmp_path / "opsd" / "rollouts.parquet").is_file() and (tmp_path / "opsd" / "pairs.parquet").is_file()
+    assert metrics["opsd/pairs"] >= 1, "the warm policy got no training question right: no pair to train on"
+    assert metrics["opsd/pairs"] + metrics["opsd/dropped"] == 8
+    evals = metrics["opsd/evals"]
     assert [e["step"] for e in evals] == [0, 2, 4]
     best = select_best(evals)
     assert metrics["opsd/best_step"] == best["step"] and metrics["eval/em"] == best["em"]
+    left = list((tmp_path / "opsd" / "checkpoints").iterdir()) if (tmp_path / "opsd" / "checkpoints").exists() else []
+    assert left == []  # at most one checkpoint was kept, and it became the policy
     if best["step"] == 0:
-        assert folder == policy
+        assert folder == warm
     else:
-        assert folder == str(tmp_path / "opsd" / "policy") and (Path(folder) / "config.json").is_file()
-        assert list((tmp_path / "opsd" / "checkpoints").iterdir()) == []  # only the best was kept, moved
-    for k in ("opsd/pairs", "opsd/dropped", "opsd/kl", "opsd/clip_frac"):
-        assert k in metrics
+        assert folder == str(tmp_path / "opsd" / "policy") and (Path(folder) / "model.safetensors").is_file()
+    for k in ("opsd/kl", "opsd/clip_frac", "opsd/kl_first", "opsd/kl_last"):
+        assert math.isfinite(metrics[k])
+
+
+class _PeakMemory:
+    """Peak summed RSS of this process and its children (the local Ray: raylet, workers, vLLM),
+    sampled every second in a thread (shared pages count once per process: an upper bound)."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self.peak_gib, self._stop = 0.0, threading.Event()
+        me = psutil.Process()
+
+        def sample():
+            while not self._stop.wait(1.0):
+                total = 0
+                for p in [me, *me.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak_gib = max(self.peak_gib, total / 2**30)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
 
 
 def _free_port():

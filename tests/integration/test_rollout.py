@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 MAX_SEARCHES = 4
-MAX_RESPONSE = 160
+MAX_RESPONSE = 256
 MAX_INFO = 100
 
 
@@ -51,7 +51,7 @@ def cfg(world):
     return load_config(None, [
         f"data.dir={world}", "retriever.port=0", "retriever.app_name=rollout-test",
         "retriever.topk=2", "retriever.num_cpus=0.5", "rollout.num_workers=1",
-        f"rollout.max_searches={MAX_SEARCHES}", "rollout.max_turn_tokens=32",
+        f"rollout.max_searches={MAX_SEARCHES}", "rollout.max_turn_tokens=48",
         f"rollout.max_response_tokens={MAX_RESPONSE}", f"rollout.max_information_tokens={MAX_INFO}",
         "rollout.questions_per_batch=4", "rollout.kv_cache_gib=1",
         "rollout.num_cpus_per_worker=1", "rollout.temperature=1.0"])
@@ -103,9 +103,56 @@ def perturbed(state_dict):
 
 def _questions(world, n):
     rows = [json.loads(line) for line in open(world / "train.jsonl")]
-    # nudge the untrained policy towards the search tool (it rarely calls it unprompted)
-    return [{"id": r["id"], "question": f"Search first. {r['question']}",
-             "golden_answers": r["golden_answers"]} for r in rows[:n]]
+    return [{"id": r["id"], "question": r["question"], "golden_answers": r["golden_answers"]}
+            for r in rows[:n]]
+
+
+SEARCH_TARGET = "<think> I need to look this up. </think><search> {q} </search>"
+
+
+@pytest.fixture(scope="module")
+def searcher(model_path, tok, world):
+    """A policy that searches. The untrained SmolLM2 almost never writes a <search> call
+    (0-2 of 32 samples here), so a few steps of format SFT on the test world's questions (last
+    two layers only, ~1 min) make one — as the warm start does for the real runs. Returns
+    (bf16 state dict for the engines, the same weights in an fp32 HF model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from searche1_ray.trajectory import build_prompt
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    last = m.config.num_hidden_layers - 2
+    for name, p in m.named_parameters():
+        p.requires_grad = any(f"layers.{i}." in name for i in (last, last + 1)) or \
+            name == "model.norm.weight"
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    data = []
+    for q in _questions(world, 8):
+        data.append((tok(build_prompt(q["question"], tok), add_special_tokens=False)["input_ids"],
+                     tok(SEARCH_TARGET.format(q=q["question"]), add_special_tokens=False)["input_ids"]))
+    for step in range(8):
+        batch = [data[(4 * step + i) % len(data)] for i in range(4)]
+        width = max(len(p) + len(t) for p, t in batch)
+        k = max(len(t) for _, t in batch)
+        ids = torch.full((4, width), tok.eos_token_id)
+        att = torch.zeros((4, width), dtype=torch.long)
+        lab = torch.full((4, width), -100)
+        for i, (p, t) in enumerate(batch):   # left padding: targets are the last positions
+            ids[i, width - len(p) - len(t):] = torch.tensor(p + t)
+            att[i, width - len(p) - len(t):] = 1
+            lab[i, width - len(t):] = torch.tensor(t)
+        logits = m(input_ids=ids, attention_mask=att, logits_to_keep=k + 1).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 lab[:, -k:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    print(f"\nsearch-format SFT: final loss {loss.item():.3f}")
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()}
+    m.load_state_dict({k: v.float() for k, v in sd.items()})   # what the engines will run
+    return sd, m.eval()
 
 
 EASY = [{"id": "france", "question": "What is the capital of France?", "golden_answers": ["Paris"]},
@@ -138,91 +185,6 @@ def test_greedy_answer_to_an_easy_question(pool, tok):
     print(f"\ngreedy: {r['response'][:200]!r}")
     assert "Paris" in policy
     assert r["policy_version"] == 0 and r["question_id"] == "france"
-
-
-def test_masks_logprobs_and_retrieved_tokens(pool, tok, world, retriever, model_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from searche1_ray import trajectory
-    from searche1_ray.engine.search_loop import ROW_KEYS, information_ids
-    from searche1_ray.rewards import exact_match
-
-    qs = _questions(world, 4)
-    rows = pool.generate(qs, n=8, temperature=1.0, seed=1234)
-    st = pool.last_stats
-    print(f"\n{len(rows)} trajectories: {st['tokens_per_s']:.0f} tok/s, searches "
-          f"{[r['num_searches'] for r in rows]}, finish {[r['finish_reason'] for r in rows]}")
-    assert [(r["question_id"], r["sample_idx"]) for r in rows] == \
-        [(q["id"], s) for q in qs for s in range(8)]
-    searched = [r for r in rows if r["num_searches"] > 0]
-    assert searched, "no trajectory searched: nothing retrieved to check"
-    hints = {tok.decode(tok(t, add_special_tokens=False)["input_ids"])
-             for t in (trajectory.INVALID_ACTION_TEXT, trajectory.FORCE_ANSWER_TEXT)}
-    for r in rows:
-        assert tuple(r) == ROW_KEYS
-        n = len(r["response_ids"])
-        assert 0 < n <= MAX_RESPONSE and len(r["loss_mask"]) == n == len(r["logprobs"])
-        assert r["num_searches"] == len(r["queries"]) <= MAX_SEARCHES
-        assert r["reward"] == exact_match(r["answer"], r["golden_answers"])
-        for lp, m in zip(r["logprobs"], r["loss_mask"]):
-            assert (lp == 0.0) if m == 0 else (math.isfinite(lp) and lp <= 0.0)
-        runs = _runs(r)
-        assert runs[0][0] == 1 and runs[-1][0] == 1     # starts and ends with the policy
-        infos = []
-        for m, ids in runs:
-            text = tok.decode(ids, skip_special_tokens=True)
-            if m == 0:
-                assert text in hints or text.startswith("\n\n<information>"), text
-                if text.startswith("\n\n<information>"):
-                    assert text.endswith("</information>\n\n") and len(ids) <= MAX_INFO
-                    infos.append(ids)
-        assert len(infos) == r["num_searches"]
-        # mask-1 tokens decode to exactly the policy's text (the response minus observations)
-        policy = tok.decode(trajectory.policy_token_ids(r["response_ids"], r["loss_mask"]),
-                            skip_special_tokens=True)
-        assert policy == "".join(tok.decode(ids, skip_special_tokens=True)
-                                 for m, ids in runs if m == 1)
-        # the retrieved tokens are the retriever's passages for the policy's queries
-        if r["queries"]:
-            hits = retriever.retrieve.remote(r["queries"], 2).result()
-            assert infos == [information_ids(tok, h, MAX_INFO) for h in hits]
-    # the kept ids are the sampled ids: HF's log-probs of them match vLLM's sampling log-probs
-    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    diffs = []
-    for r in searched[:2]:
-        ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
-        with torch.no_grad():
-            logits = hf(ids).logits[0, len(r["prompt_ids"]) - 1:-1]
-        lp = torch.log_softmax(logits.float(), -1).gather(1, ids[0, len(r["prompt_ids"]):, None])[:, 0]
-        for a, b, m in zip(lp.tolist(), r["logprobs"], r["loss_mask"]):
-            if m:
-                diffs.append(abs(a - b))
-    diffs.sort()
-    print(f"|logprob HF - vLLM|: median {diffs[len(diffs) // 2]:.4f}, max {diffs[-1]:.3f}")
-    assert diffs[len(diffs) // 2] < 0.05 and diffs[int(0.95 * len(diffs))] < 0.5
-
-
-def test_search_cap_and_forced_answers(pool, tok, world):
-    from searche1_ray import trajectory
-
-    rows = pool.generate(_questions(world, 4), n=4, temperature=1.0, seed=7, max_searches=1)
-    forced = [r for r in rows if trajectory.FORCE_ANSWER_TEXT in r["response"]]
-    print(f"\nmax_searches=1: searches {[r['num_searches'] for r in rows]}, "
-          f"finish {[r['finish_reason'] for r in rows]}")
-    assert all(r["num_searches"] <= 1 for r in rows)
-    assert forced, "no trajectory was forced to answer"
-    for r in rows:
-        if r["finish_reason"] == "forced_answer":
-            assert r in forced
-            tail = r["response"].split(trajectory.FORCE_ANSWER_TEXT)[-1]
-            assert r["answer"] == tail.split("</answer>")[0].strip()
-        if r in forced:
-            assert r["finish_reason"] in ("forced_answer", "no_answer", "length")
-            # the force text is an observation: masked out
-            runs = _runs(r)
-            assert any(m == 0 and tok.decode(ids) == trajectory.FORCE_ANSWER_TEXT for m, ids in runs)
-            assert r["response"].count(trajectory.FORCE_ANSWER_TEXT) == 1
 
 
 def test_update_weights_in_place(pool, model_path, state_dict, perturbed):
@@ -268,9 +230,97 @@ def test_gloo_broadcast_path_matches_object_store(pool, state_dict, perturbed):
     assert _greedy(pool) == base
 
 
-def test_elastic_pool_add_mid_round_and_survive_a_killed_worker(pool, world):
+SEARCHER_VERSION = 10
+
+
+def test_masks_logprobs_and_retrieved_tokens(pool, tok, world, retriever, searcher):
+    import torch
+
+    from searche1_ray import trajectory
+    from searche1_ray.engine.search_loop import ROW_KEYS, information_ids
+    from searche1_ray.rewards import exact_match
+
+    sd, hf = searcher
+    pool.update_weights(sd, SEARCHER_VERSION)
+    qs = _questions(world, 4)
+    rows = pool.generate(qs, n=2, temperature=1.0, seed=1234)
+    st = pool.last_stats
+    print(f"\n{len(rows)} trajectories: {st['tokens_per_s']:.0f} tok/s, searches "
+          f"{[r['num_searches'] for r in rows]}, finish {[r['finish_reason'] for r in rows]}")
+    print(f"e.g. {rows[0]['response'][:400]!r}")
+    assert [(r["question_id"], r["sample_idx"]) for r in rows] == \
+        [(q["id"], s) for q in qs for s in range(2)]
+    searched = [r for r in rows if r["num_searches"] > 0]
+    assert len(searched) >= len(rows) // 2, "the search-format policy did not search"
+    hints = {tok.decode(tok(t, add_special_tokens=False)["input_ids"])
+             for t in (trajectory.INVALID_ACTION_TEXT, trajectory.FORCE_ANSWER_TEXT)}
+    for r in rows:
+        assert tuple(r) == ROW_KEYS and r["policy_version"] == SEARCHER_VERSION
+        n = len(r["response_ids"])
+        assert 0 < n <= MAX_RESPONSE and len(r["loss_mask"]) == n == len(r["logprobs"])
+        assert r["num_searches"] == len(r["queries"]) <= MAX_SEARCHES
+        assert r["reward"] == exact_match(r["answer"], r["golden_answers"])
+        for lp, m in zip(r["logprobs"], r["loss_mask"]):
+            assert (lp == 0.0) if m == 0 else (math.isfinite(lp) and lp <= 0.0)
+        runs = _runs(r)
+        assert runs[0][0] == 1 and runs[-1][0] == 1     # starts and ends with the policy
+        infos = []
+        for m, ids in runs:
+            text = tok.decode(ids, skip_special_tokens=True)
+            if m == 0:
+                assert text in hints or text.startswith("\n\n<information>"), text
+                if text.startswith("\n\n<information>"):
+                    assert text.endswith("</information>\n\n") and len(ids) <= MAX_INFO
+                    infos.append(ids)
+        assert len(infos) == r["num_searches"]
+        # mask-1 tokens decode to exactly the policy's text (the response minus observations)
+        policy = tok.decode(trajectory.policy_token_ids(r["response_ids"], r["loss_mask"]),
+                            skip_special_tokens=True)
+        assert policy == "".join(tok.decode(ids, skip_special_tokens=True)
+                                 for m, ids in runs if m == 1)
+        # the retrieved tokens are the real retriever's passages for the policy's queries
+        if r["queries"]:
+            hits = retriever.retrieve.remote(r["queries"], 2).result()
+            assert infos == [information_ids(tok, h, MAX_INFO) for h in hits]
+    # the kept ids are the sampled ids: HF's log-probs of them match vLLM's sampling log-probs
+    diffs = []
+    for r in searched[:2]:
+        ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+        with torch.no_grad():
+            logits = hf(ids).logits[0, len(r["prompt_ids"]) - 1:-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(1, ids[0, len(r["prompt_ids"]):, None])[:, 0]
+        diffs += [abs(a - b) for a, b, m in zip(lp.tolist(), r["logprobs"], r["loss_mask"]) if m]
+    diffs.sort()
+    print(f"|logprob HF - vLLM| over {len(diffs)} tokens: median {diffs[len(diffs) // 2]:.4f}, "
+          f"p95 {diffs[int(0.95 * len(diffs))]:.3f}, max {diffs[-1]:.3f}")
+    assert diffs[len(diffs) // 2] < 0.05 and diffs[int(0.95 * len(diffs))] < 0.5
+
+
+def test_search_cap_and_forced_answers(pool, tok, world, searcher):
+    from searche1_ray import trajectory
+
+    pool.update_weights(searcher[0], SEARCHER_VERSION)
+    rows = pool.generate(_questions(world, 4), n=1, temperature=0.0, max_searches=1)
+    print(f"\nmax_searches=1: searches {[r['num_searches'] for r in rows]}, "
+          f"finish {[r['finish_reason'] for r in rows]}\ne.g. {rows[0]['response'][-300:]!r}")
+    assert all(r["num_searches"] <= 1 for r in rows)
+    forced = [r for r in rows if trajectory.FORCE_ANSWER_TEXT in r["response"]]
+    assert forced, "no trajectory was forced to answer"
+    for r in forced:
+        assert r["finish_reason"] in ("forced_answer", "no_answer", "length")
+        assert r["response"].count(trajectory.FORCE_ANSWER_TEXT) == 1
+        # the force text is an observation: masked out
+        assert any(m == 0 and tok.decode(ids) == trajectory.FORCE_ANSWER_TEXT for m, ids in _runs(r))
+        if r["finish_reason"] == "forced_answer":
+            tail = r["response"].split(trajectory.FORCE_ANSWER_TEXT)[-1]
+            assert r["answer"] == tail.split("</answer>")[0].strip()
+    assert all(r["finish_reason"] in ("answer", "length") for r in rows if r not in forced)
+
+
+def test_elastic_pool_add_mid_round_and_survive_a_killed_worker(pool, world, searcher):
     import ray
 
+    pool.update_weights(searcher[0], SEARCHER_VERSION)
     base = _questions(world, 8)
     qs = [dict(base[i % len(base)], id=f"e{i}") for i in range(24)]
     pool.scale(1)
@@ -298,8 +348,7 @@ def test_elastic_pool_add_mid_round_and_survive_a_killed_worker(pool, world):
         time.sleep(0.5)
     victim = None
     while victim is None:                               # kill a worker holding a batch
-        busy = pool.busy_workers()
-        victim = next(iter(busy.items()), None)
+        victim = next(iter(pool.busy_workers().items()), None)
         assert th.is_alive() and time.time() < deadline, "no busy worker left to kill"
         time.sleep(0.1)
     ray.kill(victim[1])
@@ -314,6 +363,9 @@ def test_elastic_pool_add_mid_round_and_survive_a_killed_worker(pool, world):
     print(f"\nelastic round: {st}")
     assert st["resubmitted"] >= 1 and st["duplicates_dropped"] == 0
     assert st["batches_per_worker"].get(added, 0) >= 1 and st["workers_used"] >= 2
+    # new workers got the current weights before their first batch
+    assert {r["policy_version"] for r in rows} == {SEARCHER_VERSION}
     assert pool.num_workers == 2                        # the dead worker was replaced
+    assert {h["version"] for h in pool.health()} == {SEARCHER_VERSION}
     pool.scale(1)
     assert pool.num_workers == 1

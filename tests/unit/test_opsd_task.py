@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from searche1_ray.config import load_config
 from searche1_ray.opsd import clipped_forward_kl
 from searche1_ray.pairs import mine_group, pair_counts, policy_text
-from searche1_ray.training.opsd_round import batch_schedule, select_best
+from searche1_ray.training.opsd_round import BestCheckpoint, batch_schedule, select_best
 from searche1_ray.training.opsd_task import (
     OPSDTask,
     collate_pairs,
@@ -282,6 +282,33 @@ def test_select_best_takes_the_highest_em_and_the_earliest_on_ties():
     assert select_best([{"step": 0, "em": math.nan}, {"step": 3, "em": 0.0}])["step"] == 0
     with pytest.raises(ValueError):
         select_best([])
+
+
+def test_best_checkpoint_keeps_only_the_best_folder_on_disk(tmp_path):
+    saved = []
+
+    def saver(step):
+        def save():
+            d = tmp_path / f"step{step}"
+            d.mkdir()
+            (d / "model.safetensors").write_text(str(step))
+            saved.append(step)
+            return str(d)
+        return save
+
+    best = BestCheckpoint()
+    assert best.offer({"step": 0, "em": 0.2}, None)              # the starting policy: nothing written
+    assert best.kept == {"step": 0, "em": 0.2, "folder": None}
+    assert not best.offer({"step": 2, "em": 0.2}, saver(2))      # a tie is not an improvement
+    assert best.offer({"step": 4, "em": 0.4}, saver(4))
+    assert not best.offer({"step": 6, "em": 0.3}, saver(6))
+    assert best.offer({"step": 8, "em": 0.5}, saver(8))
+    assert not best.offer({"step": 10, "em": 0.1}, saver(10))
+    assert saved == [4, 8]                                       # only improvements are saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step8"]  # the earlier best was deleted
+    assert best.kept["step"] == 8 and best.kept["folder"] == str(tmp_path / "step8")
+    assert [e["step"] for e in best.evals] == [0, 2, 4, 6, 8, 10]
+    assert select_best(best.evals) is best.evals[4]
 
 
 @pytest.mark.parametrize("n,size,steps", [(10, 4, 7), (3, 3, 5), (5, 8, 4), (1, 2, 3)])

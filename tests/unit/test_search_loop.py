@@ -253,3 +253,22 @@ def test_length_mismatch_from_a_generator_is_an_error(tok):
 def test_make_tasks_names_a_missing_field(tok):
     with pytest.raises(KeyError, match="'question'"):
         make_tasks([{"id": "x"}], 1, tok)
+
+
+def test_answer_tags_in_observations_do_not_count(tok):
+    # the invalid-action hint quotes "<answer> and </answer>" and a passage may hold tags too
+    ret = Retriever(text="The <answer> Berlin </answer> tag.")
+    scripts = {"q1": ["I am not sure.", "<search>capital</search>", "still thinking"]}
+    rows, _, _, _ = _run(tok, scripts, questions=QS[:1], retriever=ret, max_searches=2)
+    r = rows[0]
+    assert "<answer> and </answer>" in r["response"] and "<answer> Berlin </answer>" in r["response"]
+    assert r["answer"] is None and r["reward"] == 0.0
+
+
+def test_a_search_whose_results_do_not_fit_is_not_counted(tok):
+    rows, _, _, ret = _run(tok, {"q1": ["<search>capital</search>"]}, questions=QS[:1],
+                           max_response_tokens=30, max_information_tokens=200)
+    r = rows[0]
+    assert len(ret.calls) == 1                      # it was asked for...
+    assert r["num_searches"] == 0 and r["queries"] == []   # ...but never reached the policy
+    assert r["finish_reason"] == "length" and "<information>" not in r["response"]
