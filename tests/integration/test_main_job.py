@@ -143,7 +143,7 @@ def test_killed_driver_resumes_with_every_step_once(cluster, tmp_path):
     out = tmp_path / "runs"
     run_dir = out / "resumed"
     _submit(cluster, "smoke-kill", _sets(*TINY, f"run.output_dir={out}", "run.name=resumed",
-                                         "warmstart.enabled=false"))
+                                         "warmstart.enabled=false", "eval.limit=3"))
     _wait(lambda: "grpo/0/step0" in _state(run_dir).get("done", []), 900, "the first GRPO step", every=1)
     ray.init(address=cluster["gcs"], namespace="searche1", log_to_driver=False)
     try:

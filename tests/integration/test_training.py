@@ -236,10 +236,12 @@ def _engine_gap(runner, pool, questions, version):
     return _gap(rows, runner.compute_logprobs(samples))
 
 
-def test_weight_sync_round_trip_object_store(ray_local, model_path, tokenizer, tmp_path):
+def test_weight_sync_object_store_then_broadcast(ray_local, model_path, tokenizer, tmp_path):
     """After a sync the rollout engine samples with the trainer's weights: the trainer's
     log-probs of the engine's tokens match the engine's own up to bf16 kernel noise, while
-    before the sync they differ by the whole update."""
+    before the sync they differ by the whole update. Both paths, on one trainer and one engine:
+    the object store (CPU default), then the collective path (NCCL on GPUs, gloo here) where
+    trainer rank 0 broadcasts to the engines, twice (the second sync reuses the open group)."""
     from actors.rollout_worker import RolloutPool
     from searche1_ray.training.runner import TrainRunner
     from searche1_ray.training.tasks import SFTTask
@@ -255,28 +257,12 @@ def test_weight_sync_round_trip_object_store(ray_local, model_path, tokenizer, t
         gap_fresh = _engine_gap(runner, pool, questions, 1)
         # bf16 kernels differ between vLLM and torch: a few hundredths of a nat per token remain
         assert gap_fresh < 0.1 and gap_stale > 5 * gap_fresh, (gap_stale, gap_fresh)
-    finally:
-        pool.shutdown()
-        runner.stop()
 
-
-def test_weight_sync_broadcast_gloo(ray_local, model_path, tokenizer, tmp_path):
-    """The collective path (NCCL on GPUs): trainer rank 0 broadcasts to the engines over gloo."""
-    from actors.rollout_worker import RolloutPool
-    from searche1_ray.training.runner import TrainRunner
-    from searche1_ray.training.tasks import SFTTask
-
-    cfg, questions, sft = _sync_setup(tokenizer)
-    runner = TrainRunner(cfg, model_path, SFTTask(3e-4), tmp_path / "bcast")
-    pool = RolloutPool(cfg, model_path, _fixed_retriever)
-    try:
-        for _ in range(2):
+        for version in (2, 3):
             runner.step(sft)
-        runner.broadcast_weights(pool, version=1)
-        assert _engine_gap(runner, pool, questions, 1) < 0.1
-        runner.step(sft)  # a second sync reuses the open group
-        runner.broadcast_weights(pool, version=2)
-        assert _engine_gap(runner, pool, questions, 2) < 0.1
+            assert _engine_gap(runner, pool, questions, version - 1) > 2 * gap_fresh  # stale again
+            runner.broadcast_weights(pool, version=version)
+            assert _engine_gap(runner, pool, questions, version) < 0.1
     finally:
         pool.shutdown()
         runner.stop()
