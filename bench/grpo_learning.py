@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from actors.retriever import default_index_dir, start_retriever
-    from jobs.train import connect_ray
+    from jobs._cli import init_ray
     from searche1_ray.data.prepare import prepare_data
     from searche1_ray.data.readers import read_qa
     from searche1_ray.evaluation import evaluate_split
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     train = read_qa(data.train)
     dev = read_qa(data.dev)[: args.eval]
     base = resolve_model(cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
-    connect_ray(cfg, None)
+    init_ray(cfg, None)
     pool = runner = None
     history = []
     try:

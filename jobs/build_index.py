@@ -15,41 +15,30 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "smoke.yaml"
+from jobs._cli import (add_address_arg, add_config_args, init_ray, job_parser, load_cli_config, setup_logging,
+                       shutdown_ray)
 
 log = logging.getLogger("searche1.build_index")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.build_index", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/smoke.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set retriever.index_type=hnsw (repeatable)")
+    p = job_parser("jobs.build_index", __doc__)
+    add_config_args(p, example="retriever.index_type=hnsw")
     p.add_argument("--force", action="store_true", help="rebuild even if the index is current")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+    add_address_arg(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    from searche1_ray.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    import ray
-
+    cfg = load_cli_config(args)
     from actors.retriever import retriever_paths
-    from jobs.train import connect_ray
     from searche1_ray.retrieval.index import ensure_index
 
     corpus, index_dir = retriever_paths(cfg)
-    connect_ray(cfg, args.address)
+    init_ray(cfg, args.address)
     try:
         t0 = time.perf_counter()
         meta = ensure_index(corpus, index_dir, cfg.retriever, force=args.force)
@@ -57,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"index_dir": str(index_dir), "count": meta["count"], "dim": meta["dim"],
                           "index": meta["index"], "build_seconds": meta["build_seconds"]}))
     finally:
-        ray.shutdown()
+        shutdown_ray(serve=False)
     return 0
 
 

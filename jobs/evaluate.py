@@ -21,25 +21,22 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "smoke.yaml"
+from jobs._cli import (add_address_arg, add_config_args, init_ray_unless_running, job_parser, load_cli_config,
+                       setup_logging, shutdown_ray)
 
 log = logging.getLogger("searche1.evaluate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/smoke.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    p = job_parser("jobs.evaluate", __doc__)
+    add_config_args(p)
     p.add_argument("--model", help="HF folder, HF id or 'smollm2-135m-instruct' (default: model.name)")
     p.add_argument("--data", help="FlashRAG folder, Search-R1 test parquet, or synthetic world folder "
                                   "(default: the config's synthetic world / data.test_path)")
     p.add_argument("--datasets", help="comma-separated subset, e.g. nq,hotpotqa (default: all found)")
     p.add_argument("--limit", type=int, help="first N questions per dataset (default: eval.limit; 0 = all)")
     p.add_argument("--out", help="output folder (default: <run.output_dir>/eval/<model>__<data>)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS / run.ray_address, else a private local Ray)")
+    add_address_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print the Ray resource plan and exit; start nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -101,15 +98,9 @@ def dry_run(cfg, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    from searche1_ray.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
+    cfg = load_cli_config(args)
     if args.dry_run:
         return dry_run(cfg, args)
 
@@ -130,18 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         if todo:
-            import ray
-
             from actors.retriever import default_index_dir, start_retriever
             from actors.rollout_worker import RolloutPool
-            from jobs.train import connect_ray
             from searche1_ray.model_store import resolve_model
 
             model_path = resolve_model(model, cfg.model.cache_dir, cfg.model.dtype)
             corpus = corpus_path(cfg, data)
-            started_ray = not ray.is_initialized()
-            if started_ray:
-                connect_ray(cfg, args.address)
+            started_ray = init_ray_unless_running(cfg, args.address)
             retriever, url = start_retriever(cfg, str(corpus), str(default_index_dir(cfg, corpus.parent)))
             log.info("retriever at %s", url)
             pool = RolloutPool(cfg, model_path, retriever)
@@ -152,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if pool is not None:
             pool.shutdown()
         if started_ray:
-            import ray
-            from ray import serve
-
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+            shutdown_ray()
     print(markdown_table(summary))
     print(f"{summary['questions']} questions in {time.time() - t0:.0f} s "
           f"({summary['questions_per_s'] or 0:.2f} questions/s of rollout)")

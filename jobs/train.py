@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "smoke.yaml"
+from jobs._cli import add_address_arg, add_config_args, config_errors, init_ray, setup_logging
 
 log = logging.getLogger("searche1.train")
 
@@ -37,13 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "(see README 'Config reference'). Progress: one line per step here, the Ray "
                "dashboard's Metrics view (searche1_*), and `tensorboard --logdir runs/<name>/tb`.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/smoke.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set grpo.lr=1e-6 (repeatable)")
+    add_config_args(p, example="grpo.lr=1e-6")
     p.add_argument("--name", help="run name (= run.name); the run lives in <run.output_dir>/<name>")
     p.add_argument("--resume", metavar="RUN",
                    help="continue the run RUN (a name under run.output_dir, or a run folder) from its state.json")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+    add_address_arg(p)
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
     return p.parse_args(argv)
 
@@ -65,22 +61,6 @@ def load_run_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def connect_ray(cfg, address: str | None) -> None:
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS") or cfg.run.ray_address
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "TOKENIZERS_PARALLELISM": "false"}
-    if address:
-        ray.init(address=address, namespace="searche1", log_to_driver=False)
-        log.info("attached to the Ray cluster at %s", address)
-    else:
-        num_cpus = cfg.run.num_cpus or (os.cpu_count() or 2) * 4
-        ray.init(address="local", num_cpus=num_cpus, namespace="searche1", include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=False)
-        log.info("started a local Ray with %s logical CPUs", num_cpus)
-
-
 def _progress_line(s: dict) -> str:
     last = s.get("last") or {}
     bits = [f"[{s['stage_index'] + 1 if s['stage'] else s['num_stages']}/{s['num_stages']}] {s['stage'] or 'finished'}",
@@ -93,20 +73,15 @@ def _progress_line(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
-    from searche1_ray.config import ConfigError
-
-    try:
+    with config_errors():
         cfg = load_run_config(args)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
     import ray
 
     from actors.driver import NAMESPACE, SelfEvolutionDriver, driver_name
 
-    connect_ray(cfg, args.address)
+    init_ray(cfg, args.address)
     name = driver_name(cfg.run.name)
     try:
         driver = ray.get_actor(name, namespace=NAMESPACE)

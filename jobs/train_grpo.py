@@ -21,21 +21,16 @@ import logging
 import random
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "smoke.yaml"
+from jobs._cli import (add_address_arg, add_config_args, init_ray, job_parser, load_cli_config, setup_logging,
+                       shutdown_ray)
 
 log = logging.getLogger("searche1.train_grpo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.train_grpo", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/smoke.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set grpo.lr=1e-6 (repeatable)")
+    p = job_parser("jobs.train_grpo", __doc__)
+    add_config_args(p, example="grpo.lr=1e-6")
     p.add_argument("--name", help="run name (= run.name)")
     p.add_argument("--model", help="starting policy: HF folder or id (default: model.name)")
     p.add_argument("--warmstart", action="store_true",
@@ -45,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="greedy EM on the first N dev questions before and after the round (default 0: off)")
     p.add_argument("--drop-zero-advantage", action="store_true",
                    help="leave groups with equal rewards (A = 0) out of the update (faster on CPU)")
-    p.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    add_address_arg(p)
     return p.parse_args(argv)
 
 
@@ -128,34 +123,20 @@ def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(show_logger=True)
     args = parse_args(argv)
-    from searche1_ray.config import ConfigError, load_config
-
-    overrides = list(args.overrides) + ([f"run.name={args.name}"] if args.name else [])
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    import ray
-    from ray import serve
-
-    from jobs.train import connect_ray
+    cfg = load_cli_config(args, [f"run.name={args.name}"] if args.name else [])
     from searche1_ray.model_store import resolve_model
 
     model_path = resolve_model(args.model or cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
     steps = cfg.grpo.steps_per_round if args.steps is None else args.steps
-    connect_ray(cfg, args.address)
+    init_ray(cfg, args.address)
     t0 = time.time()
     try:
         summary = run_round(cfg, model_path, steps, eval_n=args.eval, warmstart=args.warmstart,
                             drop_zero_advantage=args.drop_zero_advantage)
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        shutdown_ray()
     hist = summary.get("history", [])
     if hist:
         keys = ("perf/step_s", "perf/rollout_s", "perf/pipeline_s", "perf/train_s", "perf/sync_s")

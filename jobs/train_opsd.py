@@ -21,44 +21,31 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "smoke.yaml"
+from jobs._cli import (add_address_arg, add_config_args, init_ray_unless_running, job_parser, load_cli_config,
+                       setup_logging, shutdown_ray)
 
 log = logging.getLogger("searche1.train_opsd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.train_opsd", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/smoke.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set opsd.steps=12 (repeatable)")
+    p = job_parser("jobs.train_opsd", __doc__)
+    add_config_args(p, example="opsd.steps=12")
     p.add_argument("--policy", help="HF folder of the policy to distil (default: model.name, resolved)")
     p.add_argument("--out", help="output folder (default: <run.output_dir>/<run.name>/opsd/manual)")
     p.add_argument("--dev-limit", type=int,
                    help="dev questions per validation (default: eval.limit, else data.max_eval_questions; 0 = all)")
     p.add_argument("--version", type=int, default=1, help="policy version tag for the new weights (default 1)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS / run.ray_address, else a private local Ray)")
+    add_address_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(show_logger=True)
     args = parse_args(argv)
-    from searche1_ray.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    import ray
-
+    cfg = load_cli_config(args)
     from actors.retriever import default_index_dir, start_retriever
     from actors.rollout_worker import RolloutPool
-    from jobs.train import connect_ray
     from searche1_ray.data.prepare import prepare_data
     from searche1_ray.data.readers import read_qa
     from searche1_ray.model_store import resolve_model
@@ -76,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("OPSD round from %s: %d training questions (%s sampled), %d dev questions -> %s", policy,
              len(train), cfg.opsd.questions_per_round or "all", len(dev), out)
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        connect_ray(cfg, args.address)
+    started_ray = init_ray_unless_running(cfg, args.address)
     pool = None
     t0 = time.time()
     try:
@@ -91,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if pool is not None:
             pool.shutdown()
         if started_ray:
-            from ray import serve
-
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+            shutdown_ray()
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"policy_in": policy, "policy_out": folder, **metrics},
                                                  indent=2, default=str))

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from tests.integration.conftest import ray_fixture, world_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -18,27 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 2
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    tmp = tempfile.mkdtemp(prefix="re", dir="/tmp")     # short: Ray's socket paths are limited
-    ray.init(address="local", num_cpus=4, _temp_dir=tmp, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    from ray import serve
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from searche1_ray.data.world import generate_world
-    folder = tmp_path_factory.mktemp("world")
-    generate_world(seed=0, num_questions=100).write(folder)   # 200 passages, 20 test questions
-    return folder
+ray_local = ray_fixture("re", num_cpus=4, repo_on_pythonpath=True, log_to_driver=False, stop_serve=True,
+                        remove_tmp=True)
+world = world_fixture(num_questions=100)   # 200 passages, 20 test questions
 
 
 def _args(world: Path, out: Path) -> list[str]:

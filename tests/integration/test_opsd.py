@@ -9,8 +9,6 @@ by ``pairs.mine_group`` exactly as the round does.
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from searche1_ray.config import load_config
 from searche1_ray.model_store import resolve_model
 from searche1_ray.pairs import mine_group
 from searche1_ray.trajectory import assemble, build_prompt
+from tests.integration.conftest import ray_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -70,15 +69,8 @@ def fixed_pairs(cfg, tok, n=2):
 
 
 @pytest.fixture(scope="module")
-def policy():
-    return resolve_model()
-
-
-@pytest.fixture(scope="module")
-def tok(policy):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(policy)
+def policy(model_path):
+    return model_path
 
 
 @pytest.fixture(scope="module")
@@ -166,16 +158,7 @@ def test_merged_policy_reproduces_the_adapter_model(trained, tmp_path):
 
 # ------------------------------------------------------------------------------ under Ray Train
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="r6", dir="/tmp")
-    ray.init(address="local", num_cpus=4, _temp_dir=tmp, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
+ray_cluster = ray_fixture("r6", num_cpus=4, repo_on_pythonpath=True)
 
 
 def test_opsd_task_under_the_ray_train_runner(ray_cluster, policy, tok, tmp_path):

@@ -4,8 +4,6 @@ real Serve app over HTTP (Search-R1 JSON) and through its handle, bad inputs, re
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -15,32 +13,15 @@ import numpy as np
 import pytest
 import requests
 
+from tests.integration.conftest import ray_fixture, world_fixture
+
 pytestmark = pytest.mark.slow
 
 MAX_QUERIES = 64
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    tmp = tempfile.mkdtemp(prefix="rr", dir="/tmp")     # short: Ray's socket paths are limited
-    ray.init(address="local", num_cpus=4, _temp_dir=tmp, include_dashboard=False,
-             log_to_driver=False)
-    yield
-    from ray import serve
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from searche1_ray.data.world import generate_world
-    folder = tmp_path_factory.mktemp("world")
-    generate_world(seed=0, num_questions=1000).write(folder)   # the smoke config's world
-    return folder
+ray_local = ray_fixture("rr", num_cpus=4, log_to_driver=False, stop_serve=True, remove_tmp=True)
+world = world_fixture(num_questions=1000)   # the smoke config's world
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import threading
 import time
 
 import pytest
+
+from tests.integration.conftest import ray_fixture, world_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -22,27 +22,8 @@ MAX_RESPONSE = 256
 MAX_INFO = 100
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    tmp = tempfile.mkdtemp(prefix="rw", dir="/tmp")     # short: Ray's socket paths are limited
-    ray.init(address="local", num_cpus=8, _temp_dir=tmp, include_dashboard=False,
-             log_to_driver=False)
-    yield
-    from ray import serve
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from searche1_ray.data.world import generate_world
-    folder = tmp_path_factory.mktemp("world")
-    generate_world(seed=0, num_questions=20).write(folder)      # ~100 passages
-    return folder
+ray_local = ray_fixture("rw", num_cpus=8, log_to_driver=False, stop_serve=True, remove_tmp=True)
+world = world_fixture(num_questions=20)      # ~100 passages
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +43,6 @@ def retriever(ray_local, cfg, world, tmp_path_factory):
     from actors.retriever import start_retriever
     handle, _url = start_retriever(cfg, world / "corpus.jsonl", tmp_path_factory.mktemp("index"))
     return handle
-
-
-@pytest.fixture(scope="module")
-def model_path():
-    from searche1_ray.model_store import resolve_model
-    return resolve_model()
-
-
-@pytest.fixture(scope="module")
-def tok(model_path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 @pytest.fixture(scope="module")

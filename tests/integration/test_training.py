@@ -8,7 +8,6 @@ reloads as an HF model and is registered with Ray Train; SFT lowers the loss on 
 """
 
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,31 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.integration.conftest import ray_fixture
+
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="h5r", dir="/tmp")
-    ray.init(address="local", num_cpus=4, _temp_dir=tmp, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model_path():
-    from searche1_ray.model_store import resolve_model
-
-    return resolve_model()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
+ray_local = ray_fixture("h5r", num_cpus=4)
 
 
 def _cfg(*overrides):
@@ -51,7 +31,7 @@ def _cfg(*overrides):
                               *overrides])
 
 
-def _rollout_rows(tokenizer):
+def _rollout_rows(tok):
     """Two questions x 3 trajectories in the rollout-row schema; policy text and a retrieved
     <information> block (mask 0) in between, logprobs filled in later."""
     from searche1_ray.trajectory import build_prompt, information_block
@@ -60,30 +40,30 @@ def _rollout_rows(tokenizer):
     specs = [("q-a", "Where was Ann Lee born", ["Paris", "Rome", "Paris"], [1.0, 0.0, 1.0]),
              ("q-b", "Who founded Blue Press", ["Tom", "Tom", "Tom"], [0.0, 0.0, 0.0])]
     for qid, question, answers, rewards in specs:
-        prompt = build_prompt(question, tokenizer)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt = build_prompt(question, tok)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         for i, (ans, rew) in enumerate(zip(answers, rewards)):
-            turn1 = tokenizer(f"<think>I should look it up.</think>\n<search> {question} </search>",
-                              add_special_tokens=False)["input_ids"]
-            info = tokenizer(information_block([f'"{ans} page"\n{question}: {ans}.']),
-                             add_special_tokens=False)["input_ids"]
-            turn2 = tokenizer(f"<think>Found it{'!' * i}</think>\n<answer> {ans} </answer>",
-                              add_special_tokens=False)["input_ids"]
+            turn1 = tok(f"<think>I should look it up.</think>\n<search> {question} </search>",
+                        add_special_tokens=False)["input_ids"]
+            info = tok(information_block([f'"{ans} page"\n{question}: {ans}.']),
+                       add_special_tokens=False)["input_ids"]
+            turn2 = tok(f"<think>Found it{'!' * i}</think>\n<answer> {ans} </answer>",
+                        add_special_tokens=False)["input_ids"]
             resp = turn1 + info + turn2
             mask = [1] * len(turn1) + [0] * len(info) + [1] * len(turn2)
             rows.append({"question_id": qid, "sample_idx": i, "question": question,
                          "golden_answers": [answers[0]], "prompt": prompt,
-                         "response": tokenizer.decode(resp), "prompt_ids": p_ids,
+                         "response": tok.decode(resp), "prompt_ids": p_ids,
                          "response_ids": resp, "loss_mask": mask, "logprobs": [0.0] * len(resp),
                          "num_searches": 1, "queries": [question], "answer": ans, "reward": rew,
                          "finish_reason": "stop", "policy_version": 0})
     return rows
 
 
-def test_grpo_pipeline_on_hand_made_rows(ray_local, tokenizer, tmp_path):
+def test_grpo_pipeline_on_hand_made_rows(ray_local, tok, tmp_path):
     from searche1_ray.pipelines import grpo_batch
 
-    rows = _rollout_rows(tokenizer)
+    rows = _rollout_rows(tok)
     out = tmp_path / "rollouts" / "step0000.parquet"
     samples, adv_rows = grpo_batch(list(reversed(rows)), max_seq_len=256, parquet_path=out)
     assert len(samples) == 6
@@ -99,13 +79,13 @@ def test_grpo_pipeline_on_hand_made_rows(ray_local, tokenizer, tmp_path):
         n = len(row["prompt_ids"])
         assert s["input_ids"].tolist() == row["prompt_ids"] + row["response_ids"]
         assert s["loss_mask"][:n].sum() == 0 and s["loss_mask"][n:].tolist() == row["loss_mask"]
-        policy_text = tokenizer.decode([t for t, m in zip(s["input_ids"], s["loss_mask"]) if m])
+        policy_text = tok.decode([t for t, m in zip(s["input_ids"], s["loss_mask"]) if m])
         assert "<information>" not in policy_text and "<answer>" in policy_text
     dropped, _ = grpo_batch(rows, 256, None, drop_zero_advantage=True)
     assert {s["question_id"] for s in dropped} == {"q-a"}
 
 
-def test_grpo_runner_on_policy_ratio_weights_and_checkpoint(ray_local, model_path, tokenizer, tmp_path):
+def test_grpo_runner_on_policy_ratio_weights_and_checkpoint(ray_local, model_path, tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from searche1_ray.pipelines import grpo_batch
@@ -113,7 +93,7 @@ def test_grpo_runner_on_policy_ratio_weights_and_checkpoint(ray_local, model_pat
     from searche1_ray.training.tasks import GRPOTask, causal_logprobs, pad_samples
 
     cfg = _cfg("grpo.lr=1e-5", "grpo.kl_coef=0.001", "grpo.mini_batch_size=0")
-    samples, adv_rows = grpo_batch(_rollout_rows(tokenizer), 256)
+    samples, adv_rows = grpo_batch(_rollout_rows(tok), 256)
     runner = TrainRunner(cfg, model_path, GRPOTask(cfg), tmp_path / "run")
     try:
         # old log-probs = the trainer's own: exactly on-policy
@@ -168,7 +148,7 @@ def test_grpo_runner_on_policy_ratio_weights_and_checkpoint(ray_local, model_pat
         runner.step(samples)
 
 
-def test_sft_runner_lowers_loss_on_policy_tokens_with_gradient_checkpointing(ray_local, model_path, tokenizer, tmp_path):
+def test_sft_runner_lowers_loss_on_policy_tokens_with_gradient_checkpointing(ray_local, model_path, tok, tmp_path):
     from searche1_ray.pipelines import sft_sample
     from searche1_ray.training.runner import TrainRunner
     from searche1_ray.training.tasks import SFTTask
@@ -178,10 +158,10 @@ def test_sft_runner_lowers_loss_on_policy_tokens_with_gradient_checkpointing(ray
     samples = []
     for i, (q, a) in enumerate([("Where was Ann Lee born", "Paris"), ("Who founded Blue Press", "Tom Hall"),
                                 ("When was Zed built", "1901")]):
-        p = tokenizer(build_prompt(q, tokenizer), add_special_tokens=False)["input_ids"]
-        segs = [(tokenizer(f"<think>Search.</think>\n<search> {q} </search>", add_special_tokens=False)["input_ids"], True),
-                (tokenizer(information_block([f'"Doc"\n{q}: {a}.']), add_special_tokens=False)["input_ids"], False),
-                (tokenizer(f"<think>So it is {a}.</think>\n<answer> {a} </answer>", add_special_tokens=False)["input_ids"], True)]
+        p = tok(build_prompt(q, tok), add_special_tokens=False)["input_ids"]
+        segs = [(tok(f"<think>Search.</think>\n<search> {q} </search>", add_special_tokens=False)["input_ids"], True),
+                (tok(information_block([f'"Doc"\n{q}: {a}.']), add_special_tokens=False)["input_ids"], False),
+                (tok(f"<think>So it is {a}.</think>\n<answer> {a} </answer>", add_special_tokens=False)["input_ids"], True)]
         samples.append(sft_sample(p, segs, 256))
     runner = TrainRunner(cfg, model_path, SFTTask(5e-5), tmp_path / "sft")
     try:
@@ -209,7 +189,7 @@ def _gap(rows, trainer_lps):
     return float(np.mean(diffs))
 
 
-def _sync_setup(tokenizer):
+def _sync_setup(tok):
     from searche1_ray.pipelines import sft_sample
     from searche1_ray.trajectory import build_prompt
 
@@ -220,9 +200,9 @@ def _sync_setup(tokenizer):
                  for i, q in enumerate(["Where was Ann Lee born", "Who wrote Blue Harbour", "When did Zed open"])]
     sft = []
     for q in questions:
-        p = tokenizer(build_prompt(q["question"], tokenizer), add_special_tokens=False)["input_ids"]
+        p = tok(build_prompt(q["question"], tok), add_special_tokens=False)["input_ids"]
         text = "<think>I know this one.</think>\n<answer> Paris </answer>"
-        sft.append(sft_sample(p, [(tokenizer(text, add_special_tokens=False)["input_ids"], True)], 512))
+        sft.append(sft_sample(p, [(tok(text, add_special_tokens=False)["input_ids"], True)], 512))
     return cfg, questions, sft
 
 
@@ -236,7 +216,7 @@ def _engine_gap(runner, pool, questions, version):
     return _gap(rows, runner.compute_logprobs(samples))
 
 
-def test_weight_sync_object_store_then_broadcast(ray_local, model_path, tokenizer, tmp_path):
+def test_weight_sync_object_store_then_broadcast(ray_local, model_path, tok, tmp_path):
     """After a sync the rollout engine samples with the trainer's weights: the trainer's
     log-probs of the engine's tokens match the engine's own up to bf16 kernel noise, while
     before the sync they differ by the whole update. Both paths, on one trainer and one engine:
@@ -246,7 +226,7 @@ def test_weight_sync_object_store_then_broadcast(ray_local, model_path, tokenize
     from searche1_ray.training.runner import TrainRunner
     from searche1_ray.training.tasks import SFTTask
 
-    cfg, questions, sft = _sync_setup(tokenizer)
+    cfg, questions, sft = _sync_setup(tok)
     runner = TrainRunner(cfg, model_path, SFTTask(3e-4), tmp_path / "sync")
     pool = RolloutPool(cfg, model_path, _fixed_retriever)
     try:
