@@ -331,7 +331,11 @@ class SelfEvolutionDriver:
             train = train[: cfg.data.max_train_questions]
         dev = self.questions.get("dev", [])[: cfg.eval.limit or cfg.data.max_eval_questions or None]
         version = st.policy_version + 1
-        folder, metrics = run_opsd_round(cfg, self.pool, st.policy, train, dev, str(out), version)
+        # the post-GRPO evaluation measured this policy on these dev questions already
+        start = st.evals.get(f"grpo{cycle}", {}).get("dev")
+        start = start if start and start.get("n") == len(dev) else None
+        folder, metrics = run_opsd_round(cfg, self.pool, st.policy, train, dev, str(out), version,
+                                         start_eval=start)
         st.history.append({"key": f"opsd/{cycle}", "stage": f"opsd/{cycle}", **metrics})
         self._metrics.scalars(metrics, len(st.history))
         self._load_policy_into_pool(folder, version)

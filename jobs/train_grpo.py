@@ -38,14 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="GRPO steps (default: grpo.steps_per_round)")
     p.add_argument("--eval", type=int, default=0, metavar="N",
                    help="greedy EM on the first N dev questions before and after the round (default 0: off)")
-    p.add_argument("--drop-zero-advantage", action="store_true",
-                   help="leave groups with equal rewards (A = 0) out of the update (faster on CPU)")
+    p.add_argument("--drop-zero-advantage", action="store_true", default=None,
+                   help="leave groups with equal rewards (A = 0) out of the update (faster on CPU; "
+                        "default: grpo.skip_zero_advantage)")
     add_address_arg(p)
     return p.parse_args(argv)
 
 
 def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool = False,
-              drop_zero_advantage: bool = False) -> dict:
+              drop_zero_advantage: bool | None = None) -> dict:
     """Set up the parts, run ``steps`` GRPO steps, tear down; returns a summary dict."""
     from torch.utils.tensorboard import SummaryWriter
 

@@ -44,14 +44,17 @@ def rollout_metrics(rows: Sequence[dict]) -> dict[str, float]:
 
 
 def grpo_step(cfg: Config, pool: Any, runner: Any, tokenizer: Any, questions: Sequence[dict],
-              parquet_path: str | Path | None, version: int, drop_zero_advantage: bool = False,
+              parquet_path: str | Path | None, version: int, drop_zero_advantage: bool | None = None,
               seed: int | None = None) -> dict[str, float]:
     """Run one GRPO step and return its metrics (rollout/, grpo/, perf/). ``questions`` are
     ``{id, question, golden_answers}`` dicts; the new weights are in ``pool`` as ``version``
     when this returns. ``tokenizer`` is unused (rows carry token ids) and kept for the caller's
-    signature; ``seed`` makes the step's sampling reproducible."""
+    signature; ``seed`` makes the step's sampling reproducible. ``drop_zero_advantage`` (None =
+    ``grpo.skip_zero_advantage``) leaves groups with equal rewards out of the update."""
     from searche1_ray.pipelines import grpo_batch
 
+    if drop_zero_advantage is None:
+        drop_zero_advantage = cfg.grpo.skip_zero_advantage
     t_step = time.time()
     qs = [{"id": str(q["id"]), "question": q["question"], "golden_answers": list(q["golden_answers"])}
           for q in questions]

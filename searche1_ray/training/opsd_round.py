@@ -105,11 +105,15 @@ def _rss_gib() -> float:
 
 def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequence[dict],
                    dev_questions: Sequence[dict], out_dir: str | Path, version: int,
-                   progress: bool = True) -> tuple[str, dict[str, Any]]:
+                   progress: bool = True, start_eval: dict[str, Any] | None = None
+                   ) -> tuple[str, dict[str, Any]]:
     """Run one OPSD round from ``policy`` (an HF folder the pool is serving); return
     ``(next_policy_folder, metrics)``. ``pool`` is a ``RolloutPool`` (``generate`` /
     ``update_weights``); Ray must be initialised. Writes under ``out_dir``: rollouts.parquet,
-    pairs.parquet, eval/step*.parquet, train/ (Ray Train), policy/ (the kept checkpoint)."""
+    pairs.parquet, eval/step*.parquet, train/ (Ray Train), policy/ (the kept checkpoint).
+    ``start_eval`` (``{"em", "n", "num_searches"}``) is the starting policy's greedy result on
+    these same ``dev_questions`` when the caller has it already (the driver's post-GRPO
+    evaluation): it stands for step 0 instead of evaluating again."""
     from transformers import AutoTokenizer
 
     from searche1_ray.evaluation import evaluate_split
@@ -180,7 +184,13 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
     history: list[dict[str, float]] = []
     train_s = 0.0
     try:
-        if dev_questions:
+        if dev_questions and start_eval is not None:  # measured already: the same policy, questions
+            rec = {"step": 0, "em": float(start_eval["em"]), "n": int(start_eval["n"]),
+                   "num_searches": float(start_eval.get("num_searches", 0.0)), "eval_s": 0.0}
+            metrics["eval/em_step0"] = rec["em"]
+            best.offer(rec, None)
+            log.info("opsd: step 0 dev EM %.3f (%d questions, from the previous evaluation)", rec["em"], rec["n"])
+        elif dev_questions:
             validate(0, None)  # the starting policy: the pool serves it already
         schedule = batch_schedule(len(samples), o.steps, o.batch_size, seed=cfg.run.seed + version)
         for step, idx in enumerate(schedule, start=1):
