@@ -72,6 +72,7 @@ class SelfEvolutionDriver:
         self.cfg: Config = config_from_dict(cfg_dict)
         self.run_dir = self.cfg.run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._known_evals: dict[tuple[str, str], dict[str, Any]] = {}  # (label, split) -> result
         if resume and state_path(self.run_dir).is_file():
             self.state = load_state(self.run_dir)
             log.info("resuming %s at stage %s, step %d", self.state.run, self.state.stage, self.state.step)
@@ -260,7 +261,14 @@ class SelfEvolutionDriver:
             limit = cfg.eval.limit or cfg.data.max_eval_questions or len(qs)
             self._live["detail"] = f"evaluating {label} on {split} ({min(limit, len(qs))} questions)"
             out = self.run_dir / "eval" / label / f"{split}.parquet"
-            results[split] = evaluate_split(self.pool, qs[:limit], out, temperature=cfg.eval.temperature)
+            known = self._known_evals.pop((label, split), None)
+            if known and known.get("n") == min(limit, len(qs)) and Path(known.get("path", "")).is_file():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(known["path"], out)  # same policy, same questions, greedy
+                results[split] = {k: v for k, v in known.items() if k != "path"}
+                log.info("eval %s %s: the OPSD round's validation of this policy, reused", label, split)
+            else:
+                results[split] = evaluate_split(self.pool, qs[:limit], out, temperature=cfg.eval.temperature)
             self._metrics.set("eval_em", results[split]["em"])
             log.info("eval %s %s: EM %.3f (%d questions, %.2f searches)", label, split,
                      results[split]["em"], results[split]["n"], results[split]["num_searches"])
@@ -336,6 +344,9 @@ class SelfEvolutionDriver:
         start = start if start and start.get("n") == len(dev) else None
         folder, metrics = run_opsd_round(cfg, self.pool, st.policy, train, dev, str(out), version,
                                          start_eval=start)
+        kept = metrics.pop("opsd/kept_result", None)
+        if kept:  # the next policy was measured on these dev questions: eval/opsd<c> reuses it
+            self._known_evals[(f"opsd{cycle}", "dev")] = kept
         st.history.append({"key": f"opsd/{cycle}", "stage": f"opsd/{cycle}", **metrics})
         self._metrics.scalars(metrics, len(st.history))
         self._load_policy_into_pool(folder, version)

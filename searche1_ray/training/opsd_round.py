@@ -167,11 +167,11 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
         t = time.time()
         if weights_ref is not None:
             pool.update_weights(weights_ref, version)
-        r = evaluate_split(pool, dev_questions, out / "eval" / f"step{step:04d}.parquet",
-                           temperature=cfg.eval.temperature, desc=f"opsd dev EM @ step {step}",
-                           progress=progress)
+        path = out / "eval" / f"step{step:04d}.parquet"
+        r = evaluate_split(pool, dev_questions, path, temperature=cfg.eval.temperature,
+                           desc=f"opsd dev EM @ step {step}", progress=progress)
         rec = {"step": step, "em": r["em"], "n": r["n"], "num_searches": r["num_searches"],
-               "eval_s": time.time() - t}
+               "eval_s": time.time() - t, "result": {**r, "path": str(path)}}
         metrics[f"eval/em_step{step}"] = r["em"]
         save = (lambda: runner.save_checkpoint(str(out / "checkpoints" / f"step{step:04d}"))) if step else None
         is_best = best.offer(rec, save)
@@ -186,7 +186,8 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
     try:
         if dev_questions and start_eval is not None:  # measured already: the same policy, questions
             rec = {"step": 0, "em": float(start_eval["em"]), "n": int(start_eval["n"]),
-                   "num_searches": float(start_eval.get("num_searches", 0.0)), "eval_s": 0.0}
+                   "num_searches": float(start_eval.get("num_searches", 0.0)), "eval_s": 0.0,
+                   "result": dict(start_eval)}
             metrics["eval/em_step0"] = rec["em"]
             best.offer(rec, None)
             log.info("opsd: step 0 dev EM %.3f (%d questions, from the previous evaluation)", rec["em"], rec["n"])
@@ -224,7 +225,9 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
         "opsd/best_step": kept["step"] if kept else 0,
         "eval/em": kept["em"] if kept else float("nan"),
         "eval/em_start": evals[0]["em"] if evals else float("nan"),
-        "opsd/evals": evals, "opsd/history": history,
+        "opsd/evals": [{k: v for k, v in e.items() if k != "result"} for e in evals],
+        "opsd/kept_result": kept.get("result") if kept else None,  # the next policy's dev result
+        "opsd/history": history,
         "perf/opsd_train_s": train_s,
         "perf/opsd_eval_s": sum(e["eval_s"] for e in evals),
         "perf/opsd_round_s": time.time() - t_round,

@@ -207,7 +207,8 @@ def test_opsd_round_end_to_end(ray_cluster, policy, tmp_path):
 
     cfg = _config(f"data.dir={tmp_path / 'world'}", "data.world.num_questions=60",
                   f"retriever.port={_free_port()}", f"retriever.index_dir={tmp_path / 'index'}",
-                  "warmstart.num_examples=32", "warmstart.epochs=3", "warmstart.lr=5e-4",
+                  "warmstart.num_examples=16", "warmstart.epochs=3", "warmstart.lr=5e-4",
+                  "warmstart.batch_size=4",
                   "opsd.questions_per_round=8", "opsd.samples_per_question=3", "opsd.steps=4",
                   "opsd.eval_every=2", "rollout.max_turn_tokens=64", "rollout.questions_per_batch=8")
     data = prepare_data(cfg)
