@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs as `python bench/<name>.py` too
 
 
 def _prompts(n: int, tok) -> list[list[int]]:

@@ -42,6 +42,7 @@ import numpy as np
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs as `python bench/<name>.py` too
 log = logging.getLogger("bench.retriever")
 
 
