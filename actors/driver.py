@@ -23,6 +23,7 @@ from typing import Any
 import ray
 
 from searche1_ray.config import Config, config_from_dict
+from searche1_ray.training.opsd_round import RoundStopped
 from searche1_ray.run_state import RunState, load_state, save_state, schedule, state_path
 
 log = logging.getLogger("searche1.driver")
@@ -32,6 +33,13 @@ NAMESPACE = "searche1"
 
 def driver_name(run: str) -> str:
     return f"searche1-driver-{run}"
+
+
+def stage_cycle(stage: str) -> int:
+    """The cycle a stage belongs to: ``grpo/1``, ``opsd/1`` → 1; ``eval/grpo1`` → 1; others 0."""
+    head, _, tail = stage.partition("/")
+    digits = "".join(ch for ch in (tail if head in ("grpo", "opsd") else stage) if ch.isdigit())
+    return int(digits) if head in ("grpo", "opsd", "eval") and digits else 0
 
 
 class _Metrics:
@@ -53,7 +61,22 @@ class _Metrics:
             ("rollout_workers", "live rollout workers"),
         ]}
         self.steps = Counter("searche1_steps_total", description="training steps finished", tag_keys=tags)
+        # one series per stage name: 1 while it runs, 0 otherwise (a dashboard panel shows which)
+        self._stage = Gauge("searche1_stage", description="1 for the stage that is running (tag: stage)",
+                            tag_keys=("run", "stage"))
+        self._current_stage: str | None = None
         self.tb = SummaryWriter(str(tb_dir))
+
+    def stage(self, name: str, index: int, step: int) -> None:
+        """Publish the running stage: its name (``searche1_stage{stage=…}`` = 1), index, cycle
+        (``grpo/1`` → 1; 0 before the first cycle) and the steps finished in it."""
+        if self._current_stage and self._current_stage != name:
+            self._stage.set(0.0, tags={**self._tags, "stage": self._current_stage})
+        self._stage.set(1.0, tags={**self._tags, "stage": name})
+        self._current_stage = name
+        self.set("stage_index", index)
+        self.set("cycle", stage_cycle(name))
+        self.set("step", step)
 
     def set(self, name: str, value: float) -> None:
         self.gauges[name].set(float(value), tags=self._tags)
@@ -122,11 +145,16 @@ class SelfEvolutionDriver:
                     st.status = "stopped"
                     break
                 stage = st.stage
-                self._metrics.set("stage_index", st.stage_index)
+                self._metrics.stage(stage, st.stage_index, st.step)
                 self._live = {"stage": stage}
                 t0 = time.time()
-                policy, version = self._run_stage(stage)
-                if self._stop.is_set() and stage.startswith("grpo/") and st.step < self.cfg.grpo.steps_per_round:
+                try:
+                    policy, version = self._run_stage(stage)
+                    interrupted = (self._stop.is_set() and stage.startswith("grpo/")
+                                   and st.step < self.cfg.grpo.steps_per_round)
+                except RoundStopped:  # an OPSD round abandoned between steps: it reruns on resume
+                    interrupted = True
+                if interrupted:
                     st.timings[stage] = st.timings.get(stage, 0.0) + time.time() - t0
                     st.status = "stopped"
                     break
@@ -318,6 +346,7 @@ class SelfEvolutionDriver:
                     st.policy, st.policy_version = folder, version
                     pending.clear()
                     self._save()
+                    self._metrics.set("step", st.step)
                     self._prune(keep=folder)
                     log.info("GRPO c%d step %d/%d: reward %.3f, loss %.4f, %.1f s", cycle, step + 1, steps,
                              metrics.get("rollout/reward_mean", 0.0), metrics.get("grpo/loss", 0.0),
@@ -343,7 +372,7 @@ class SelfEvolutionDriver:
         start = st.evals.get(f"grpo{cycle}", {}).get("dev")
         start = start if start and start.get("n") == len(dev) else None
         folder, metrics = run_opsd_round(cfg, self.pool, st.policy, train, dev, str(out), version,
-                                         start_eval=start)
+                                         start_eval=start, should_stop=self._stop.is_set)
         kept = metrics.pop("opsd/kept_result", None)
         if kept:  # the next policy was measured on these dev questions: eval/opsd<c> reuses it
             self._known_evals[(f"opsd{cycle}", "dev")] = kept

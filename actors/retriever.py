@@ -39,10 +39,14 @@ class Retriever:
         from searche1_ray.retrieval.search import Searcher
 
         self.rcfg = RetrieverConfig(**rcfg)
+        self.index_dir = str(Path(index_dir).expanduser().resolve())
         torch.set_num_threads(max(1, math.ceil(self.rcfg.num_cpus)))
         t0 = time.perf_counter()
+        # the encoder runs on the replica's GPU when it has one; the index moves there only
+        # with retriever.faiss_gpu (wiki-18's flat index is ~60 GB in fp32)
         self.searcher = Searcher(index_dir, self.rcfg, use_gpu=self.rcfg.num_gpus > 0,
-                                 faiss_threads=max(1, math.ceil(self.rcfg.num_cpus)))
+                                 faiss_threads=max(1, math.ceil(self.rcfg.num_cpus)),
+                                 faiss_gpu=self.rcfg.faiss_gpu and self.rcfg.num_gpus > 0)
         self.count = len(self.searcher)
         self._search_batch.set_max_batch_size(self.rcfg.max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(self.rcfg.batch_wait_timeout_s)
@@ -78,8 +82,21 @@ class Retriever:
         if request.method != "POST":
             return JSONResponse({"error": f"use POST {self.rcfg.route_prefix} with a JSON body "
                                           "{\"queries\": [...], \"topk\": 3}"}, status_code=405)
+        limit = self.rcfg.max_request_bytes
         try:
-            req = parse_request(await request.body(), self.rcfg.max_queries_per_request,
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            declared = 0
+        if declared > limit:  # refused before the body is read
+            return JSONResponse({"error": f"request body of {declared} bytes is over the limit of "
+                                          f"{limit} (retriever.max_request_bytes); send fewer or "
+                                          "shorter queries per request"}, status_code=413)
+        try:
+            body = await request.body()
+            if len(body) > limit:  # chunked uploads declare no length
+                raise RequestError(413, f"request body of {len(body)} bytes is over the limit of "
+                                        f"{limit} (retriever.max_request_bytes)")
+            req = parse_request(body, self.rcfg.max_queries_per_request,
                                 self.rcfg.topk)
             hits = await self._search_batch((req.queries, req.topk))
         except RequestError as e:
@@ -92,7 +109,8 @@ class Retriever:
 
     def stats(self) -> dict:
         import ray
-        return {"passages": self.count, "batches": self.batches,
+        return {"passages": self.count, "batches": self.batches, "index_dir": self.index_dir,
+                "built_at": self.searcher.meta.get("built_at"),
                 "search_seconds": round(self.search_seconds, 3),
                 "replica": ray.get_runtime_context().get_actor_id()}
 
@@ -140,10 +158,38 @@ def retriever_app(rcfg: RetrieverConfig, index_dir: str | Path):
     ).bind(str(index_dir), dataclasses.asdict(rcfg))
 
 
+def attach_retriever(rcfg: RetrieverConfig, index_dir: str | Path, built_at: Any = None):
+    """``(handle, url)`` of an app named ``retriever.app_name`` that is already running on this
+    Ray cluster over the same index build (a previous job's, or one ``jobs.serve_retriever``
+    started), else None. An app of that name over another index is left for ``serve.run`` to replace."""
+    try:
+        status = serve.status().applications.get(rcfg.app_name)
+    except Exception:  # Serve not started on this cluster
+        return None
+    if status is None or str(getattr(status.status, "value", status.status)) != "RUNNING":
+        return None
+    handle = serve.get_app_handle(rcfg.app_name)
+    try:
+        stats = handle.stats.remote().result(timeout_s=60)
+    except Exception as e:
+        log.info("retriever app '%s' is running but did not answer (%s); redeploying", rcfg.app_name, e)
+        return None
+    ours = str(Path(index_dir).expanduser().resolve())
+    if stats.get("index_dir") != ours or (built_at is not None and stats.get("built_at") != built_at):
+        log.info("retriever app '%s' serves %s (built %s), not %s (built %s); redeploying",
+                 rcfg.app_name, stats.get("index_dir"), stats.get("built_at"), ours, built_at)
+        return None
+    http = serve.context._get_global_client().http_config
+    url = f"http://{http.host}:{http.port}{rcfg.route_prefix}"
+    log.info("attached to the running retriever app '%s' at %s (%d passages)", rcfg.app_name, url,
+             stats.get("passages", 0))
+    return handle, url
+
+
 def start_retriever(cfg: Config, corpus_path: str | Path, index_dir: str | Path | None = None):
-    """Build the index if missing or stale, start Serve's HTTP proxy on ``retriever.host:port``
-    (port 0 = a free one) and run the app. Returns ``(DeploymentHandle, url)``. Ray must be
-    initialised."""
+    """Build the index if missing or stale; attach to a running app over the same index (see
+    ``attach_retriever``), or start Serve's HTTP proxy on ``retriever.host:port`` (port 0 = a free
+    one) and run the app. Returns ``(DeploymentHandle, url)``. Ray must be initialised."""
     from searche1_ray.retrieval.index import ensure_index
 
     rcfg = cfg.retriever
@@ -151,6 +197,9 @@ def start_retriever(cfg: Config, corpus_path: str | Path, index_dir: str | Path 
         index_dir = default_index_dir(cfg, Path(corpus_path).parent)
     t0 = time.perf_counter()
     meta = ensure_index(corpus_path, index_dir, rcfg)
+    attached = attach_retriever(rcfg, index_dir, meta.get("built_at"))
+    if attached is not None:
+        return attached
     port = rcfg.port or free_port(rcfg.host)
     serve.start(http_options={"host": rcfg.host, "port": port})
     http = serve.context._get_global_client().http_config

@@ -92,9 +92,14 @@ def init_ray(cfg: Config, address: str | None) -> str:
         log.info("attached to the Ray cluster at %s", address)
     else:
         num_cpus = cfg.run.num_cpus or (os.cpu_count() or 2) * 4
-        ray.init(address="local", num_cpus=num_cpus, namespace="searche1", include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=False)
+        ctx = ray.init(address="local", num_cpus=num_cpus, namespace="searche1",
+                       include_dashboard=cfg.run.dashboard, dashboard_host="127.0.0.1",
+                       dashboard_port=cfg.run.dashboard_port or None,
+                       runtime_env={"env_vars": env}, log_to_driver=False)
         log.info("started a local Ray with %s logical CPUs", num_cpus)
+        url = getattr(ctx, "dashboard_url", "") if cfg.run.dashboard else ""
+        if url:
+            print(f"Ray dashboard: http://{url}", flush=True)
     return address
 
 

@@ -103,10 +103,10 @@ def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool
                     if "/" in k:
                         tb.add_scalar(k, v, step + 1)
                 log.info("GRPO step %d/%d: reward %.3f, searches %.2f, loss %.4f, kl %.2e, gap %.3f | "
-                         "step %.0f s = rollout %.0f + data %.1f + train %.0f + sync %.1f", step + 1, steps,
+                         "step %.0f s = rollout %.0f (retrieval %.1f) + data %.1f + train %.0f + sync %.1f", step + 1, steps,
                          m.get("rollout/reward_mean", 0), m.get("rollout/num_searches", 0), m.get("grpo/loss", 0),
                          m.get("grpo/kl", 0), m.get("grpo/logprob_gap", 0), m["perf/step_s"], m["perf/rollout_s"],
-                         m["perf/pipeline_s"], m["perf/train_s"], m["perf/sync_s"])
+                         m.get("perf/retrieval_s", 0.0), m["perf/pipeline_s"], m["perf/train_s"], m["perf/sync_s"])
                 if (step + 1) % cfg.grpo.checkpoint_every == 0 or step + 1 == steps:
                     folder = runner.save_checkpoint(str(run_dir / "checkpoints" / f"grpo-step{step + 1:04d}"))
                     summary["policy"] = folder
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_ray()
     hist = summary.get("history", [])
     if hist:
-        keys = ("perf/step_s", "perf/rollout_s", "perf/pipeline_s", "perf/train_s", "perf/sync_s")
+        keys = ("perf/step_s", "perf/rollout_s", "perf/retrieval_s", "perf/pipeline_s", "perf/train_s", "perf/sync_s")
         mean = {k: sum(h.get(k, 0.0) for h in hist) / len(hist) for k in keys}
         print("mean step time: " + ", ".join(f"{k.split('/')[1]} {v:.1f}" for k, v in mean.items()))
         print("reward by step: " + " ".join(f"{h.get('rollout/reward_mean', 0):.2f}" for h in hist))

@@ -28,6 +28,8 @@ class RunConfig:
     cycles: int = 1                # GRPO -> OPSD cycles (the paper: 2)
     ray_address: str = ""          # "" = start a local Ray; "auto" = attach to the cluster
     num_cpus: float = 0            # logical CPUs for a local Ray; 0 = os.cpu_count() * 4
+    dashboard: bool = True         # a local Ray starts the Ray dashboard (bound to 127.0.0.1)
+    dashboard_port: int = 0        # 0 = Ray's default (8265, or a free port if that is taken)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class RetrieverConfig:
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.01
     max_queries_per_request: int = 512
+    max_request_bytes: int = 4 << 20  # HTTP bodies over this get 413 before they are parsed
     encode_batch_size: int = 64
     min_replicas: int = 1
     max_replicas: int = 1
@@ -224,6 +227,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("retriever.port", lambda v: 0 <= v <= 65535, "a port number 0..65535"),
     ("retriever.max_batch_size", lambda v: v >= 1, ">= 1"),
     ("retriever.max_queries_per_request", lambda v: v >= 1, ">= 1"),
+    ("retriever.max_request_bytes", lambda v: v >= 1024, ">= 1024"),
     ("retriever.min_replicas", lambda v: v >= 1, ">= 1"),
     ("retriever.num_cpus", lambda v: v >= 0, ">= 0"),
     ("retriever.num_gpus", lambda v: v >= 0 and (v <= 1 or float(v).is_integer()),

@@ -63,6 +63,10 @@ def grpo_step(cfg: Config, pool: Any, runner: Any, tokenizer: Any, questions: Se
     rollout_s = time.time() - t0
     metrics = rollout_metrics(rows)
     metrics["perf/rollout_s"] = rollout_s
+    # the part of rollout_s spent waiting on the retriever / in the engine (summed over workers)
+    stats = getattr(pool, "last_stats", None) or {}
+    metrics["perf/retrieval_s"] = float(stats.get("engine_retrieve_s", 0.0))
+    metrics["perf/generate_s"] = float(stats.get("engine_generate_s", 0.0))
     t0 = time.time()
     samples, _ = grpo_batch(rows, cfg.train.max_seq_len, parquet_path, drop_zero_advantage=drop_zero_advantage)
     metrics["perf/pipeline_s"] = time.time() - t0

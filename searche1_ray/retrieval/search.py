@@ -50,11 +50,12 @@ class Searcher:
     """Encoder + index + passages: ``search(queries, topk)`` -> Search-R1 hits per query.
 
     A hit is ``{"document": {"id", "contents"}, "score": float}``, best first. A blank query
-    gets no hits. Queries longer than the encoder's maximum are truncated.
+    gets no hits. Queries longer than the encoder's maximum are truncated. ``use_gpu`` puts the
+    encoder on CUDA; ``faiss_gpu`` (None = ``use_gpu``) moves the index to the GPUs too.
     """
 
     def __init__(self, index_dir: str | os.PathLike, rcfg: RetrieverConfig,
-                 use_gpu: bool = False, faiss_threads: int = 1):
+                 use_gpu: bool = False, faiss_threads: int = 1, faiss_gpu: bool | None = None):
         folder = Path(index_dir).expanduser()
         meta_path = folder / META_FILE
         if not meta_path.is_file():
@@ -86,7 +87,7 @@ class Searcher:
         if hasattr(index, "nprobe"):
             index.nprobe = min(IVF_NPROBE, index.nlist)
         tune_faiss(faiss_threads)
-        self.index = _to_gpu(index) if use_gpu else index
+        self.index = _to_gpu(index) if (use_gpu if faiss_gpu is None else faiss_gpu) else index
 
     def __len__(self) -> int:
         return len(self.passages)

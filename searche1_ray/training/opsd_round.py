@@ -103,17 +103,23 @@ def _rss_gib() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+class RoundStopped(Exception):
+    """A stop was requested inside an OPSD round; nothing of the round is kept (it reruns whole)."""
+
+
 def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequence[dict],
                    dev_questions: Sequence[dict], out_dir: str | Path, version: int,
-                   progress: bool = True, start_eval: dict[str, Any] | None = None
-                   ) -> tuple[str, dict[str, Any]]:
+                   progress: bool = True, start_eval: dict[str, Any] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> tuple[str, dict[str, Any]]:
     """Run one OPSD round from ``policy`` (an HF folder the pool is serving); return
     ``(next_policy_folder, metrics)``. ``pool`` is a ``RolloutPool`` (``generate`` /
     ``update_weights``); Ray must be initialised. Writes under ``out_dir``: rollouts.parquet,
     pairs.parquet, eval/step*.parquet, train/ (Ray Train), policy/ (the kept checkpoint).
     ``start_eval`` (``{"em", "n", "num_searches"}``) is the starting policy's greedy result on
     these same ``dev_questions`` when the caller has it already (the driver's post-GRPO
-    evaluation): it stands for step 0 instead of evaluating again."""
+    evaluation): it stands for step 0 instead of evaluating again. ``should_stop`` is polled
+    after the rollouts and between training steps; when it returns True the trainer is stopped
+    and ``RoundStopped`` is raised (the caller's state still points at ``policy``)."""
     from transformers import AutoTokenizer
 
     from searche1_ray.evaluation import evaluate_split
@@ -141,6 +147,13 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
     metrics["rollout/num_searches"] = sum(int(r["num_searches"]) for r in rows) / max(len(rows), 1)
     log.info("opsd: %d rollouts for %d questions in %.0f s (reward %.3f)", len(rows), len(qs),
              metrics["perf/opsd_rollout_s"], metrics["rollout/reward_mean"])
+
+    def check_stop() -> None:
+        if should_stop is not None and should_stop():
+            log.info("opsd: stop requested; the round is abandoned and reruns on resume")
+            raise RoundStopped()
+
+    check_stop()
 
     # 2. pair mining on Ray Data
     t0 = time.time()
@@ -195,6 +208,7 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
             validate(0, None)  # the starting policy: the pool serves it already
         schedule = batch_schedule(len(samples), o.steps, o.batch_size, seed=cfg.run.seed + version)
         for step, idx in enumerate(schedule, start=1):
+            check_stop()
             m = runner.step([samples[i] for i in idx])
             train_s += m.get("perf/train_s", 0.0)
             history.append({"step": step, **m})

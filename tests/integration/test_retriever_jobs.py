@@ -35,7 +35,7 @@ def test_build_then_serve(tmp_path):
             "--set", f"retriever.index_dir={index_dir}", "--set", "run.num_cpus=4",
             "--set", "retriever.port=0"]
     out = subprocess.run([sys.executable, "-m", "jobs.build_index", "--config", "configs/smoke.yaml",
-                          *sets], cwd=ROOT, env=_env(ray_tmp), capture_output=True, text=True,
+                          *sets, "--set", "run.dashboard=false"], cwd=ROOT, env=_env(ray_tmp), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -55,6 +55,19 @@ def test_build_then_serve(tmp_path):
                         if l.startswith("RETRIEVER_URL=")), None)
             time.sleep(0.5)
         assert url, (tmp_path / "serve.log").read_text()[-3000:]
+        # the local Ray's dashboard is up, on loopback
+        dash = next(l.split(": ", 1)[1] for l in (tmp_path / "serve.log").read_text().splitlines()
+                    if l.startswith("Ray dashboard: "))
+        assert dash.startswith("http://127.0.0.1:")
+        for _ in range(30):  # the dashboard's HTTP server may answer a moment after ray.init
+            try:
+                if requests.get(dash + "/api/version", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"the Ray dashboard at {dash} did not answer")
         r = requests.post(url, json={"queries": ["Who founded it?"], "topk": 2,
                                      "return_scores": True}, timeout=60)
         assert r.status_code == 200 and len(r.json()["result"][0]) == 2

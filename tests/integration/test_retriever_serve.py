@@ -136,6 +136,8 @@ def test_bad_inputs_get_clear_errors_and_the_replica_survives(app):
     huge = requests.post(url, json={"queries": ["Zefoo Motors " * 200_000], "topk": 2}, timeout=120)
     assert huge.status_code == 200 and len(huge.json()["result"][0]) == 2
     print(f"\n2.6 MB query answered in {time.perf_counter() - t0:.2f}s (truncated to 256 tokens)")
+    over = requests.post(url, json={"queries": ["Zefoo Motors " * 400_000], "topk": 2}, timeout=120)
+    assert over.status_code == 413 and "retriever.max_request_bytes" in over.json()["error"]
     with pytest.raises(Exception, match="'queries' must be a list of strings"):
         handle.retrieve.remote("not a list", 3).result()
     with pytest.raises(Exception, match="'topk' must be between 1 and 100"):
@@ -145,6 +147,18 @@ def test_bad_inputs_get_clear_errors_and_the_replica_survives(app):
     after = _replica(serve, handle)
     assert after["replica"] == before["replica"]         # the same actor: it never crashed
     assert after["batches"] > before["batches"]
+
+
+def test_a_second_start_attaches_to_the_running_app(app, world, cfg):
+    from ray import serve
+
+    from actors.retriever import start_retriever
+    handle, url, meta = app
+    before = _replica(serve, handle)
+    index_dir = Path(before["index_dir"])
+    handle2, url2 = start_retriever(cfg, world / "corpus.jsonl", index_dir)
+    assert url2 == url
+    assert _replica(serve, handle2)["replica"] == before["replica"]   # not redeployed
 
 
 def _replica(serve, handle) -> dict:

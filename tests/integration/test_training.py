@@ -256,7 +256,7 @@ def test_train_grpo_job_smoke(tmp_path):
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    sets = ["run.name=grpo-smoke", f"run.output_dir={tmp_path}", "run.num_cpus=6",
+    sets = ["run.name=grpo-smoke", f"run.output_dir={tmp_path}", "run.num_cpus=6", "run.dashboard=false",
             "grpo.questions_per_step=2", "grpo.checkpoint_every=1", "rollout.group_size=2",
             "rollout.max_turn_tokens=32", "rollout.max_response_tokens=160", "rollout.max_searches=1",
             "train.max_seq_len=512", "train.micro_batch_size=2"]
@@ -273,6 +273,7 @@ def test_train_grpo_job_smoke(tmp_path):
     assert len(metrics) == 1
     m = metrics[0]
     for key in ("rollout/reward_mean", "rollout/num_searches", "rollout/response_len", "perf/step_s",
-                "perf/rollout_s", "perf/train_s", "perf/sync_s"):
+                "perf/rollout_s", "perf/retrieval_s", "perf/train_s", "perf/sync_s"):
         assert key in m, key
+    assert 0.0 <= m["perf/retrieval_s"] and m["perf/generate_s"] > 0.0
     assert (run / "checkpoints" / "grpo-step0001" / "model.safetensors").is_file()

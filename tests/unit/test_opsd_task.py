@@ -322,3 +322,33 @@ def test_batch_schedule_epochs_without_repeats(n, size, steps):
     # each full epoch visits every sample exactly once
     for e in range(len(flat) // n):
         assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
+
+
+class _CountingPool:
+    """Stand-in rollout pool for the stop test: the round must not get past its rollouts."""
+
+    def __init__(self):
+        self.generated = 0
+        self.updates = 0
+
+    def generate(self, questions, n, temperature=None):
+        self.generated += len(questions) * n
+        return [{"question_id": q["id"], "sample_idx": s, "reward": 0.0, "num_searches": 0,
+                 "response": "<answer> x </answer>"} for q in questions for s in range(n)]
+
+    def update_weights(self, *a, **k):
+        self.updates += 1
+
+
+def test_opsd_round_stops_after_its_rollouts_when_asked(tmp_path):
+    from searche1_ray.config import load_config
+    from searche1_ray.training.opsd_round import RoundStopped, run_opsd_round
+
+    cfg = load_config(None, ["opsd.samples_per_question=2", "opsd.questions_per_round=3"])
+    train = [{"id": f"q{i}", "question": f"who is {i}?", "golden_answers": [str(i)]} for i in range(5)]
+    pool, asked = _CountingPool(), []
+    with pytest.raises(RoundStopped):
+        run_opsd_round(cfg, pool, "no-such-policy", train, [], tmp_path, version=1, progress=False,
+                       should_stop=lambda: asked.append(1) or True)
+    assert pool.generated == 6 and pool.updates == 0 and asked == [1]
+    assert (tmp_path / "rollouts.parquet").is_file() and not (tmp_path / "pairs.parquet").exists()

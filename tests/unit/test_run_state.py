@@ -55,3 +55,15 @@ def test_report_has_em_table_and_plots(tmp_path):
     for png in ("reward.png", "em.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
     json.loads(st.to_json())
+
+
+def test_stage_cycle_for_the_dashboard_gauge():
+    from actors.driver import stage_cycle
+    from searche1_ray.run_state import schedule
+
+    stages = schedule(2, True)
+    got = {s: stage_cycle(s) for s in stages}
+    assert got["warmstart"] == 0 and got["eval/base"] == 0 and got["report"] == 0
+    for c in (0, 1):
+        assert got[f"grpo/{c}"] == got[f"eval/grpo{c}"] == got[f"opsd/{c}"] == got[f"eval/opsd{c}"] == c
+    assert stage_cycle("grpo/12") == 12
