@@ -137,11 +137,11 @@ def main(argv=None) -> int:
                           version=step + 1, drop_zero_advantage=not args.keep_zero_advantage)
             history.append(m)
             log.info("step %d: reward %.3f (signal in %.0f%% of groups), loss %.4f, gap %.3f, grad %.2f | %.0f s = "
-                     "rollout %.0f + data %.1f + train %.0f + sync %.1f | train rank peak %.1f GiB", step + 1,
+                     "rollout %.0f (retrieval %.1f) + data %.1f + train %.0f + sync %.1f | train rank peak %.1f GiB", step + 1,
                      m["rollout/reward_mean"], 100 * m["rollout/groups_with_signal"], m.get("grpo/loss", 0.0),
                      m.get("grpo/logprob_gap", 0.0), m.get("grpo/grad_norm", 0.0), m["perf/step_s"],
-                     m["perf/rollout_s"], m["perf/pipeline_s"], m["perf/train_s"], m["perf/sync_s"],
-                     m.get("perf/train_peak_rss_gib", 0.0))
+                     m["perf/rollout_s"], m.get("perf/retrieval_s", 0.0), m["perf/pipeline_s"], m["perf/train_s"],
+                     m["perf/sync_s"], m.get("perf/train_peak_rss_gib", 0.0))
             spent = time.time() - t_budget
             mean_step = spent - eval_s
             if spent + mean_step / (step + 1) + eval_s > args.budget_min * 60:
@@ -162,8 +162,10 @@ def main(argv=None) -> int:
     budget_s = time.time() - t_budget
     (run_dir / "bench_history.json").write_text(json.dumps(history, indent=1))
     if history:
-        keys = ("perf/step_s", "perf/rollout_s", "perf/pipeline_s", "perf/train_s", "perf/sync_s")
-        print("mean step: " + ", ".join(f"{k.split('/')[1]} {sum(h[k] for h in history) / len(history):.1f} s" for k in keys))
+        keys = ("perf/step_s", "perf/rollout_s", "perf/retrieval_s", "perf/generate_s", "perf/pipeline_s",
+                "perf/train_s", "perf/sync_s")
+        print("mean step: " + ", ".join(f"{k.split('/')[1]} {sum(h.get(k, 0.0) for h in history) / len(history):.1f} s"
+                                        for k in keys) + "  (retrieval and generate: engine time summed over workers)")
         print("train reward by step: " + " ".join(f"{h['rollout/reward_mean']:.2f}" for h in history))
     print(f"warm start {ws_s:.0f} s (0 = cached); GRPO {len(history)} steps + 2 evals in {budget_s / 60:.1f} min; "
           f"total {(time.time() - t_all) / 60:.1f} min")
