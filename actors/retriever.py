@@ -146,15 +146,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def retriever_app(rcfg: RetrieverConfig, index_dir: str | Path):
     """The bound Serve application for ``index_dir`` (index already built)."""
-    batch = rcfg.max_batch_size
+    from searche1_ray.plan import retriever_deployment_options
+
+    # the same options `jobs.evaluate --dry-run` prints; max_ongoing_requests is 2 x the batch
+    # size because @serve.batch only fills a batch when that many requests may wait in a replica
     return Retriever.options(
-        ray_actor_options={"num_cpus": rcfg.num_cpus, "num_gpus": rcfg.num_gpus},
-        # @serve.batch only fills a batch when this many requests may wait in a replica
-        max_ongoing_requests=max(2 * batch, 8),
-        autoscaling_config={"min_replicas": rcfg.min_replicas, "max_replicas": rcfg.max_replicas,
-                            "initial_replicas": rcfg.min_replicas,
-                            "target_ongoing_requests": max(1, batch)},
-        health_check_period_s=10, health_check_timeout_s=30,
+        **retriever_deployment_options(rcfg), health_check_period_s=10, health_check_timeout_s=30,
     ).bind(str(index_dir), dataclasses.asdict(rcfg))
 
 

@@ -125,7 +125,8 @@ def rollout_engine_args(cfg: Config) -> dict[str, Any]:
 
 
 def train_scaling_config(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of ``ray.train.ScalingConfig`` for the GRPO / OPSD / warm-start workers."""
+    """Keyword arguments of ``ray.train.ScalingConfig`` for the GRPO / OPSD / warm-start workers
+    (``training.runner.TrainRunner`` passes exactly these)."""
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
@@ -134,10 +135,11 @@ def train_scaling_config(cfg: Config) -> dict[str, Any]:
             "resources_per_worker": resources, "placement_strategy": "PACK"}
 
 
-def retriever_deployment_options(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of the retriever's ``Retriever.options`` (as in
-    ``actors.retriever.retriever_app``): per-replica actor resources and autoscaling."""
-    r = cfg.retriever
+def retriever_deployment_options(cfg: Config | Any) -> dict[str, Any]:
+    """Keyword arguments of the retriever's ``Retriever.options`` (``actors.retriever.retriever_app``
+    passes exactly these): per-replica actor resources and autoscaling. Takes the config or its
+    ``retriever`` section."""
+    r = getattr(cfg, "retriever", cfg)
     return {"ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
             "max_ongoing_requests": max(2 * r.max_batch_size, 8),
             "autoscaling_config": {"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,

@@ -97,15 +97,14 @@ class TrainRunner:
         self._broadcast: dict | None = None
         self.steps_done = 0
         name = f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        resources = {"CPU": cfg.train.cpus_per_worker}
-        if cfg.train.use_gpu:
-            resources["GPU"] = 1
+        from searche1_ray.plan import train_scaling_config
+
+        scaling = train_scaling_config(cfg)  # the same options `jobs.evaluate --dry-run` prints
         self.trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"cfg": cfg, "task": task, "model_path": self.model_path,
                                "channel": self.channel},
-            scaling_config=ScalingConfig(num_workers=self.world, use_gpu=cfg.train.use_gpu,
-                                         resources_per_worker=resources),
+            scaling_config=ScalingConfig(**{**scaling, "num_workers": self.world}),
             run_config=RunConfig(name=name, storage_path=str(self.run_dir / "ray_train"),
                                  failure_config=FailureConfig(max_failures=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
