@@ -100,6 +100,9 @@ def init_ray(cfg: Config, address: str | None) -> str:
         url = getattr(ctx, "dashboard_url", "") if cfg.run.dashboard else ""
         if url:
             print(f"Ray dashboard: http://{url}", flush=True)
+            if os.environ.get("RAY_AUTH_MODE", "token") != "disabled":
+                log.info("the dashboard asks for Ray's auth token: the contents of ~/.ray/auth_token "
+                         "(RAY_AUTH_MODE=disabled turns token auth off)")
     return address
 
 

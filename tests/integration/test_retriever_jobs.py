@@ -61,7 +61,10 @@ def test_build_then_serve(tmp_path):
         assert dash.startswith("http://127.0.0.1:")
         for _ in range(30):  # the dashboard's HTTP server may answer a moment after ray.init
             try:
-                if requests.get(dash + "/api/version", timeout=5).status_code == 200:
+                page = requests.get(dash + "/", timeout=5)
+                # the UI is served; its API wants Ray 2.60's auth token (401) unless auth is off
+                api = requests.get(dash + "/api/version", timeout=5).status_code
+                if page.status_code == 200 and "<html" in page.text.lower() and api in (200, 401):
                     break
             except requests.ConnectionError:
                 pass
