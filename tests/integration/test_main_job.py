@@ -4,6 +4,7 @@ with tiny settings, and a resume after the driver actor is killed mid-round."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -73,7 +74,8 @@ def cluster():
 
     try:
         _wait(dashboard_up, 120, "the Ray head's dashboard")
-        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
+               "metrics": f"http://127.0.0.1:{metrics}/metrics"}
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -124,7 +126,22 @@ def _state(run_dir: Path) -> dict:
 def test_job_submit_runs_the_smoke_job_to_a_report(cluster, tmp_path):
     out = tmp_path / "runs"
     _submit(cluster, "smoke-submit", _sets(*TINY, f"run.output_dir={out}", "run.name=submitted"))
-    status = _wait_job(cluster, "smoke-submit")
+    seen: set[str] = set()     # the driver's gauges as Prometheus scrapes them from the node
+    stages: set[str] = set()   # stages whose searche1_stage series read 1 (running)
+
+    def done_or_scrape():
+        try:
+            with urllib.request.urlopen(cluster["metrics"], timeout=5) as r:
+                text = r.read().decode()
+            seen.update(line.split("{")[0] for line in text.splitlines()
+                        if line.startswith("ray_searche1_") and 'run="submitted"' in line)
+            stages.update(m.group(1) for m in re.finditer(r'ray_searche1_stage\{[^}]*stage="([^"]+)"[^}]*\} 1\.0', text))
+        except OSError:
+            pass
+        s = _job_status(cluster, "smoke-submit")
+        return s in ("SUCCEEDED", "FAILED", "STOPPED") and s
+
+    status = _wait(done_or_scrape, 1200, "job smoke-submit", every=5)
     logs = _job_logs(cluster, "smoke-submit")
     assert status == "SUCCEEDED", logs[-4000:]
     run_dir = out / "submitted"
@@ -135,6 +152,10 @@ def test_job_submit_runs_the_smoke_job_to_a_report(cluster, tmp_path):
     assert "| base |" in report and "| opsd0 |" in report
     assert f"report: {run_dir / 'report.md'}" in logs
     assert list((run_dir / "rollouts").rglob("*.parquet"))
+    # the dashboard / Prometheus gauges were live while it ran, with the stage by name
+    assert {"ray_searche1_cycle", "ray_searche1_step", "ray_searche1_stage_index",
+            "ray_searche1_rollout_workers"} <= seen, sorted(seen)
+    assert "ray_searche1_stage" in seen and stages & {"warmstart", "grpo/0", "opsd/0"}, sorted(stages)
 
 
 def test_killed_driver_resumes_with_every_step_once(cluster, tmp_path):
