@@ -374,6 +374,9 @@ class SelfEvolutionDriver:
         folder, metrics = run_opsd_round(cfg, self.pool, st.policy, train, dev, str(out), version,
                                          start_eval=start, should_stop=self._stop.is_set)
         kept = metrics.pop("opsd/kept_result", None)
+        if kept and start is not None and not kept.get("path"):
+            # the round kept its starting policy, measured by eval/grpo<c>: reuse that parquet
+            kept = {**kept, "path": str(self.run_dir / "eval" / f"grpo{cycle}" / "dev.parquet")}
         if kept:  # the next policy was measured on these dev questions: eval/opsd<c> reuses it
             self._known_evals[(f"opsd{cycle}", "dev")] = kept
         st.history.append({"key": f"opsd/{cycle}", "stage": f"opsd/{cycle}", **metrics})
