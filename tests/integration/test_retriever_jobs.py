@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,8 +45,11 @@ def test_build_then_serve(tmp_path):
     built_at = json.loads((index_dir / "meta.json").read_text())["built_at"]
 
     log = open(tmp_path / "serve.log", "w+")
+    with socket.socket() as sock:  # a private dashboard port: another Ray on the host may hold 8265
+        sock.bind(("127.0.0.1", 0))
+        dash_port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.serve_retriever", "--config",
-                             "configs/smoke.yaml", *sets], cwd=ROOT, env=_env(ray_tmp),
+                             "configs/smoke.yaml", *sets, "--set", f"run.dashboard_port={dash_port}"], cwd=ROOT, env=_env(ray_tmp),
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = None, time.monotonic() + 300
@@ -58,7 +62,7 @@ def test_build_then_serve(tmp_path):
         # the local Ray's dashboard is up, on loopback
         dash = next(l.split(": ", 1)[1] for l in (tmp_path / "serve.log").read_text().splitlines()
                     if l.startswith("Ray dashboard: "))
-        assert dash.startswith("http://127.0.0.1:")
+        assert dash == f"http://127.0.0.1:{dash_port}", dash
         for _ in range(30):  # the dashboard's HTTP server may answer a moment after ray.init
             try:
                 page = requests.get(dash + "/", timeout=5)
