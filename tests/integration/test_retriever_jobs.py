@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,11 +44,8 @@ def test_build_then_serve(tmp_path):
     built_at = json.loads((index_dir / "meta.json").read_text())["built_at"]
 
     log = open(tmp_path / "serve.log", "w+")
-    with socket.socket() as sock:  # a private dashboard port: another Ray on the host may hold 8265
-        sock.bind(("127.0.0.1", 0))
-        dash_port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.serve_retriever", "--config",
-                             "configs/smoke.yaml", *sets, "--set", f"run.dashboard_port={dash_port}"], cwd=ROOT, env=_env(ray_tmp),
+                             "configs/smoke.yaml", *sets, "--set", "run.dashboard=false"], cwd=ROOT, env=_env(ray_tmp),
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = None, time.monotonic() + 300
@@ -59,22 +55,6 @@ def test_build_then_serve(tmp_path):
                         if l.startswith("RETRIEVER_URL=")), None)
             time.sleep(0.5)
         assert url, (tmp_path / "serve.log").read_text()[-3000:]
-        # the local Ray's dashboard is up, on loopback
-        dash = next(l.split(": ", 1)[1] for l in (tmp_path / "serve.log").read_text().splitlines()
-                    if l.startswith("Ray dashboard: "))
-        assert dash == f"http://127.0.0.1:{dash_port}", dash
-        for _ in range(30):  # the dashboard's HTTP server may answer a moment after ray.init
-            try:
-                page = requests.get(dash + "/", timeout=5)
-                # the UI is served; its API wants Ray 2.60's auth token (401) unless auth is off
-                api = requests.get(dash + "/api/version", timeout=5).status_code
-                if page.status_code == 200 and "<html" in page.text.lower() and api in (200, 401):
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"the Ray dashboard at {dash} did not answer")
         r = requests.post(url, json={"queries": ["Who founded it?"], "topk": 2,
                                      "return_scores": True}, timeout=60)
         assert r.status_code == 200 and len(r.json()["result"][0]) == 2
