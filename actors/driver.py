@@ -23,8 +23,8 @@ from typing import Any
 import ray
 
 from searche1_ray.config import Config, config_from_dict
-from searche1_ray.training.opsd_round import RoundStopped
 from searche1_ray.run_state import RunState, load_state, save_state, schedule, state_path
+from searche1_ray.training.opsd_round import RoundStopped
 
 log = logging.getLogger("searche1.driver")
 
@@ -38,7 +38,7 @@ def driver_name(run: str) -> str:
 def stage_cycle(stage: str) -> int:
     """The cycle a stage belongs to: ``grpo/1``, ``opsd/1`` → 1; ``eval/grpo1`` → 1; others 0."""
     head, _, tail = stage.partition("/")
-    digits = "".join(ch for ch in (tail if head in ("grpo", "opsd") else stage) if ch.isdigit())
+    digits = "".join(ch for ch in tail if ch.isdigit())
     return int(digits) if head in ("grpo", "opsd", "eval") and digits else 0
 
 
@@ -370,13 +370,13 @@ class SelfEvolutionDriver:
         version = st.policy_version + 1
         # the post-GRPO evaluation measured this policy on these dev questions already
         start = st.evals.get(f"grpo{cycle}", {}).get("dev")
-        start = start if start and start.get("n") == len(dev) else None
+        if start and start.get("n") == len(dev):  # with its parquet, so eval/opsd<c> can reuse it
+            start = {**start, "path": str(self.run_dir / "eval" / f"grpo{cycle}" / "dev.parquet")}
+        else:
+            start = None
         folder, metrics = run_opsd_round(cfg, self.pool, st.policy, train, dev, str(out), version,
                                          start_eval=start, should_stop=self._stop.is_set)
         kept = metrics.pop("opsd/kept_result", None)
-        if kept and start is not None and not kept.get("path"):
-            # the round kept its starting policy, measured by eval/grpo<c>: reuse that parquet
-            kept = {**kept, "path": str(self.run_dir / "eval" / f"grpo{cycle}" / "dev.parquet")}
         if kept:  # the next policy was measured on these dev questions: eval/opsd<c> reuses it
             self._known_evals[(f"opsd{cycle}", "dev")] = kept
         st.history.append({"key": f"opsd/{cycle}", "stage": f"opsd/{cycle}", **metrics})

@@ -82,20 +82,12 @@ class Retriever:
         if request.method != "POST":
             return JSONResponse({"error": f"use POST {self.rcfg.route_prefix} with a JSON body "
                                           "{\"queries\": [...], \"topk\": 3}"}, status_code=405)
-        limit = self.rcfg.max_request_bytes
         try:
-            declared = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            declared = 0
-        if declared > limit:  # refused before the body is read
-            return JSONResponse({"error": f"request body of {declared} bytes is over the limit of "
-                                          f"{limit} (retriever.max_request_bytes); send fewer or "
-                                          "shorter queries per request"}, status_code=413)
-        try:
+            declared = request.headers.get("content-length", "")
+            # refused before the body is read when declared; chunked uploads are measured after
+            self._check_size(int(declared) if declared.isdigit() else 0)
             body = await request.body()
-            if len(body) > limit:  # chunked uploads declare no length
-                raise RequestError(413, f"request body of {len(body)} bytes is over the limit of "
-                                        f"{limit} (retriever.max_request_bytes)")
+            self._check_size(len(body))
             req = parse_request(body, self.rcfg.max_queries_per_request,
                                 self.rcfg.topk)
             hits = await self._search_batch((req.queries, req.topk))
@@ -106,6 +98,13 @@ class Retriever:
             return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"},
                                 status_code=500)
         return JSONResponse(format_response(hits, req.return_scores))
+
+    def _check_size(self, nbytes: int) -> None:
+        limit = self.rcfg.max_request_bytes
+        if nbytes > limit:
+            raise RequestError(413, f"request body of {nbytes} bytes is over the limit of {limit} "
+                                    "(retriever.max_request_bytes); send fewer or shorter queries "
+                                    "per request")
 
     def stats(self) -> dict:
         import ray
@@ -155,6 +154,12 @@ def retriever_app(rcfg: RetrieverConfig, index_dir: str | Path):
     ).bind(str(index_dir), dataclasses.asdict(rcfg))
 
 
+def _app_url(rcfg: RetrieverConfig):
+    """(URL of the app's HTTP route, Serve's HTTP config) on the running Serve instance."""
+    http = serve.context._get_global_client().http_config
+    return f"http://{http.host}:{http.port}{rcfg.route_prefix}", http
+
+
 def attach_retriever(rcfg: RetrieverConfig, index_dir: str | Path, built_at: Any = None):
     """``(handle, url)`` of an app named ``retriever.app_name`` that is already running on this
     Ray cluster over the same index build (a previous job's, or one ``jobs.serve_retriever``
@@ -176,8 +181,7 @@ def attach_retriever(rcfg: RetrieverConfig, index_dir: str | Path, built_at: Any
         log.info("retriever app '%s' serves %s (built %s), not %s (built %s); redeploying",
                  rcfg.app_name, stats.get("index_dir"), stats.get("built_at"), ours, built_at)
         return None
-    http = serve.context._get_global_client().http_config
-    url = f"http://{http.host}:{http.port}{rcfg.route_prefix}"
+    url = _app_url(rcfg)[0]
     log.info("attached to the running retriever app '%s' at %s (%d passages)", rcfg.app_name, url,
              stats.get("passages", 0))
     return handle, url
@@ -199,13 +203,12 @@ def start_retriever(cfg: Config, corpus_path: str | Path, index_dir: str | Path 
         return attached
     port = rcfg.port or free_port(rcfg.host)
     serve.start(http_options={"host": rcfg.host, "port": port})
-    http = serve.context._get_global_client().http_config
+    url, http = _app_url(rcfg)
     if (http.host, http.port) != (rcfg.host, port):
         log.warning("Serve was already running with HTTP on %s:%s; the retriever is served there",
                     http.host, http.port)
     handle = serve.run(retriever_app(rcfg, index_dir), name=rcfg.app_name,
                        route_prefix=rcfg.route_prefix)
-    url = f"http://{http.host}:{http.port}{rcfg.route_prefix}"
     log.info("retriever app '%s' up at %s (%d passages, %s) in %.1fs", rcfg.app_name, url,
              meta["count"], meta["index"]["type"], time.perf_counter() - t0)
     return handle, url
