@@ -21,13 +21,14 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
-    "warmstart.num_examples=16", "warmstart.batch_size=8",
-    "eval.limit=6", "eval.splits=[dev]",
+    # no warm start (its stage is one call of run_warmstart, which test_opsd runs for real)
+    "warmstart.enabled=false", "eval.limit=3", "eval.splits=[dev]",
     "grpo.steps_per_round=3", "grpo.questions_per_step=2", "grpo.checkpoint_every=1",
     "rollout.group_size=2", "rollout.max_turn_tokens=48", "rollout.max_response_tokens=320",
     "rollout.questions_per_batch=8",
     "opsd.samples_per_question=2", "opsd.steps=2", "opsd.eval_every=1", "opsd.batch_size=2",
     "data.max_train_questions=6", "train.max_seq_len=640", "train.micro_batch_size=2",
+    "data.world.num_questions=100",  # ~200 passages: the index builds in seconds
 ]
 
 
@@ -123,49 +124,44 @@ def _state(run_dir: Path) -> dict:
         return {}
 
 
-def test_job_submit_runs_the_smoke_job_to_a_report(cluster, tmp_path):
-    out = tmp_path / "runs"
-    _submit(cluster, "smoke-submit", _sets(*TINY, f"run.output_dir={out}", "run.name=submitted"))
-    seen: set[str] = set()     # the driver's gauges as Prometheus scrapes them from the node
-    stages: set[str] = set()   # stages whose searche1_stage series read 1 (running)
-
-    def done_or_scrape():
-        try:
-            with urllib.request.urlopen(cluster["metrics"], timeout=5) as r:
-                text = r.read().decode()
-            seen.update(line.split("{")[0] for line in text.splitlines()
-                        if line.startswith("ray_searche1_") and 'run="submitted"' in line)
-            stages.update(m.group(1) for m in re.finditer(r'ray_searche1_stage\{[^}]*stage="([^"]+)"[^}]*\} 1\.0', text))
-        except OSError:
-            pass
-        s = _job_status(cluster, "smoke-submit")
-        return s in ("SUCCEEDED", "FAILED", "STOPPED") and s
-
-    status = _wait(done_or_scrape, 1200, "job smoke-submit", every=5)
-    logs = _job_logs(cluster, "smoke-submit")
-    assert status == "SUCCEEDED", logs[-4000:]
-    run_dir = out / "submitted"
-    state = _state(run_dir)
-    assert state["status"] == "done"
-    assert [s for s in state["stages"] if s not in state["done"]] == []
-    report = (run_dir / "report.md").read_text()
-    assert "| base |" in report and "| opsd0 |" in report
-    assert f"report: {run_dir / 'report.md'}" in logs
-    assert list((run_dir / "rollouts").rglob("*.parquet"))
-    # the dashboard / Prometheus gauges were live while it ran, with the stage by name
-    assert {"ray_searche1_cycle", "ray_searche1_step", "ray_searche1_stage_index",
-            "ray_searche1_rollout_workers"} <= seen, sorted(seen)
-    assert "ray_searche1_stage" in seen and stages & {"warmstart", "grpo/0", "opsd/0"}, sorted(stages)
+def _scrape(cluster, run: str, seen: set[str], stages: set[str]) -> None:
+    """Collect the driver's gauges for ``run`` from the head's Prometheus endpoint: the series
+    names in ``seen``, the stage names whose ``searche1_stage`` series read 1 (running) in ``stages``."""
+    try:
+        with urllib.request.urlopen(cluster["metrics"], timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return
+    for name, labels, value in re.findall(r"^(ray_searche1_\w+)\{([^}]*)\} (\S+)$", text, re.M):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if tags.get("run") != run:
+            continue
+        seen.add(name)
+        if name == "ray_searche1_stage" and float(value) == 1.0:
+            stages.add(tags["stage"])
 
 
-def test_killed_driver_resumes_with_every_step_once(cluster, tmp_path):
+def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path):
+    """One tiny smoke run as users run it: `ray job submit`; the driver actor is killed after the
+    first GRPO step (the job fails, state.json keeps what was done); `--resume` in a second job
+    finishes it with every step done exactly once, the report written and the gauges live in
+    Prometheus while it ran. (One run for both checks: CI time.)"""
     import ray
 
     out = tmp_path / "runs"
     run_dir = out / "resumed"
-    _submit(cluster, "smoke-kill", _sets(*TINY, f"run.output_dir={out}", "run.name=resumed",
-                                         "warmstart.enabled=false", "eval.limit=3"))
-    _wait(lambda: "grpo/0/step0" in _state(run_dir).get("done", []), 900, "the first GRPO step", every=1)
+    _submit(cluster, "smoke-kill", _sets(*TINY, f"run.output_dir={out}", "run.name=resumed"))
+    seen: set[str] = set()
+    stages: set[str] = set()
+
+    def first_step_done():
+        _scrape(cluster, "resumed", seen, stages)
+        if _job_status(cluster, "smoke-kill") in ("SUCCEEDED", "FAILED", "STOPPED"):
+            raise AssertionError("the job ended before its first GRPO step:\n"
+                                 + _job_logs(cluster, "smoke-kill")[-4000:])
+        return "grpo/0/step0" in _state(run_dir).get("done", [])
+
+    _wait(first_step_done, 900, "the first GRPO step", every=1)
     ray.init(address=cluster["gcs"], namespace="searche1", log_to_driver=False)
     try:
         ray.kill(ray.get_actor("searche1-driver-resumed", namespace="searche1"))
@@ -174,15 +170,32 @@ def test_killed_driver_resumes_with_every_step_once(cluster, tmp_path):
     assert _wait_job(cluster, "smoke-kill", 300) == "FAILED"
     killed_at = _state(run_dir)
     assert killed_at["status"] == "running"  # killed, not stopped: state.json is what the last step left
-    assert "grpo/0/step2" not in killed_at["done"]
+    assert "eval/base" in killed_at["done"] and "grpo/0/step2" not in killed_at["done"]
 
     _submit(cluster, "smoke-resume", [f"--resume={run_dir}"])
-    status = _wait_job(cluster, "smoke-resume")
-    assert status == "SUCCEEDED", _job_logs(cluster, "smoke-resume")[-4000:]
+
+    def resumed_done():
+        _scrape(cluster, "resumed", seen, stages)
+        s = _job_status(cluster, "smoke-resume")
+        return s in ("SUCCEEDED", "FAILED", "STOPPED") and s
+
+    status = _wait(resumed_done, 1200, "job smoke-resume", every=3)
+    logs = _job_logs(cluster, "smoke-resume")
+    assert status == "SUCCEEDED", logs[-4000:]
     state = _state(run_dir)
     assert state["status"] == "done"
+    assert [s for s in state["stages"] if s not in state["done"]] == []
     assert len(state["done"]) == len(set(state["done"]))
     for step in range(3):
         assert state["done"].count(f"grpo/0/step{step}") == 1
     keys = [h["key"] for h in state["history"] if h["key"].startswith("grpo/")]
     assert keys == [f"grpo/0/step{i}" for i in range(3)]
+    report = (run_dir / "report.md").read_text()
+    for row in ("| base |", "| grpo0 |", "| opsd0 |"):
+        assert row in report, (row, report)
+    assert f"report: {run_dir / 'report.md'}" in logs
+    assert list((run_dir / "rollouts").rglob("*.parquet"))
+    # the dashboard / Prometheus gauges were live while it ran, with the stage by name
+    assert {"ray_searche1_cycle", "ray_searche1_step", "ray_searche1_stage_index",
+            "ray_searche1_rollout_workers", "ray_searche1_stage"} <= seen, sorted(seen)
+    assert stages & {"grpo/0", "opsd/0"}, sorted(stages)

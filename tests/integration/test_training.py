@@ -257,6 +257,7 @@ def test_train_grpo_job_smoke(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     sets = ["run.name=grpo-smoke", f"run.output_dir={tmp_path}", "run.num_cpus=6", "run.dashboard=false",
+            "data.world.num_questions=100",   # ~200 passages: the index builds in seconds
             "grpo.questions_per_step=2", "grpo.checkpoint_every=1", "rollout.group_size=2",
             "rollout.max_turn_tokens=32", "rollout.max_response_tokens=160", "rollout.max_searches=1",
             "train.max_seq_len=512", "train.micro_batch_size=2"]
