@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     corpus, index_dir = retriever_paths(cfg)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C / `kill -INT` must stop it even when it was started in the background of a script
+    # (`… &`), which starts it with SIGINT ignored and Python then leaves it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     attached = bool(init_ray(cfg, args.address))
     try:
         _, url = start_retriever(cfg, corpus, index_dir)

@@ -26,7 +26,7 @@ world = world_fixture(num_questions=100)   # 200 passages, 20 test questions
 def _args(world: Path, out: Path) -> list[str]:
     return ["--config", str(ROOT / "configs" / "smoke.yaml"), "--data", str(world), "--limit", str(LIMIT),
             "--out", str(out), "--quiet", "--set", "retriever.port=0", "--set", "retriever.app_name=retriever-evaltest",
-            "--set", "rollout.max_turn_tokens=48", "--set", "rollout.max_response_tokens=384"]
+            "--set", "rollout.max_turn_tokens=48", "--set", "rollout.max_response_tokens=160"]
 
 
 def test_evaluate_end_to_end_and_resume(ray_local, world, tmp_path, capsys):

@@ -24,9 +24,9 @@ TINY = [
     # no warm start (its stage is one call of run_warmstart, which test_opsd runs for real)
     "warmstart.enabled=false", "eval.limit=3", "eval.splits=[dev]",
     "grpo.steps_per_round=3", "grpo.questions_per_step=2", "grpo.checkpoint_every=1",
-    "rollout.group_size=2", "rollout.max_turn_tokens=48", "rollout.max_response_tokens=320",
+    "rollout.group_size=2", "rollout.max_turn_tokens=48", "rollout.max_response_tokens=192",
     "rollout.questions_per_batch=8",
-    "opsd.samples_per_question=2", "opsd.steps=2", "opsd.eval_every=1", "opsd.batch_size=2",
+    "opsd.samples_per_question=2", "opsd.steps=2", "opsd.eval_every=2", "opsd.batch_size=2",
     "data.max_train_questions=6", "train.max_seq_len=640", "train.micro_batch_size=2",
     "data.world.num_questions=100",  # ~200 passages: the index builds in seconds
 ]

@@ -218,7 +218,7 @@ def test_opsd_round_end_to_end(ray_cluster, policy, tmp_path):
     warm_s = time.time() - t0
     seen = {e["question_id"] for e in oracle_training_examples(cfg, data)}
     train = [q for q in read_qa(data.train) if q["id"] in seen]
-    dev = read_qa(data.dev)[:6]
+    dev = read_qa(data.dev)[:4]
     handle, _ = start_retriever(cfg, str(data.corpus), str(tmp_path / "index"))
     pool = RolloutPool(cfg, warm, handle)
     try:

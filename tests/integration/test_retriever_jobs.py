@@ -44,9 +44,11 @@ def test_build_then_serve(tmp_path):
     built_at = json.loads((index_dir / "meta.json").read_text())["built_at"]
 
     log = open(tmp_path / "serve.log", "w+")
+    # started as `… &` in a script starts it: with SIGINT ignored (Ctrl-C must still stop it)
     proc = subprocess.Popen([sys.executable, "-m", "jobs.serve_retriever", "--config",
                              "configs/smoke.yaml", *sets, "--set", "run.dashboard=false"], cwd=ROOT, env=_env(ray_tmp),
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         url, deadline = None, time.monotonic() + 300
         while url is None and time.monotonic() < deadline and proc.poll() is None:

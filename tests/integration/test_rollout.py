@@ -139,7 +139,8 @@ def _runs(row):
 
 
 def _greedy(pool):
-    return [r["response_ids"] for r in pool.generate(EASY, n=1, temperature=0.0)]
+    # 48 tokens tell two policies apart; the untrained model would ramble to the full budget
+    return [r["response_ids"] for r in pool.generate(EASY, n=1, temperature=0.0, max_response_tokens=48)]
 
 
 def test_vllm_imports():
@@ -162,7 +163,7 @@ def test_update_weights_in_place(pool, model_path, state_dict, perturbed):
     base = _greedy(pool)
     t = pool.update_weights(perturbed, 1)
     print(f"\nin-place update (object store): {t:.2f}s")
-    rows = pool.generate(EASY, n=1, temperature=0.0)
+    rows = pool.generate(EASY, n=1, temperature=0.0, max_response_tokens=48)
     changed = [r["response_ids"] for r in rows]
     assert changed != base and all(r["policy_version"] == 1 for r in rows)
     pool.update_weights(model_path, 2)                      # restore from the safetensors folder
@@ -193,7 +194,7 @@ def test_gloo_broadcast_path_matches_object_store(pool, state_dict, perturbed):
     sent = weight_sync.broadcast_state_dict(pg, perturbed)
     ray.get(refs, timeout=300)
     print(f"\ngloo broadcast of {sent / 2**20:.0f} MiB: {time.time() - t0:.2f}s")
-    got = pool.generate(EASY, n=1, temperature=0.0)
+    got = pool.generate(EASY, n=1, temperature=0.0, max_response_tokens=48)
     assert [r["response_ids"] for r in got] == want and got[0]["policy_version"] == 7
     pool.update_weights(state_dict, 8)
     assert _greedy(pool) == base

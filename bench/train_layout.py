@@ -1,0 +1,120 @@
+"""Train-step time by worker layout: the same warm-start batches on N gloo ranks x T threads.
+
+    python -m bench.train_layout                          # 2x1 (the smoke config) vs 1x2
+    python -m bench.train_layout --layouts 2x1:2 1x2:4 1x2:8 --batch 8 --steps 4
+
+A layout is ``RANKSxTHREADS[:MICRO]``: ``train.num_workers`` Ray Train ranks (DeepSpeed ZeRO-2 over
+gloo), ``train.cpus_per_worker`` torch threads each, ``train.micro_batch_size`` MICRO (default:
+the config's). Every layout trains the same fresh SmolLM2 on the same ``--batch``-sized batches of
+oracle warm-start trajectories (SFT, the warm start's loss) for ``--steps`` steps; the first step
+is a warm-up and is left out of the median. One layout at a time, each on the whole machine.
+
+Prints seconds per step and policy tokens per second per layout; the last line is
+``<fastest>_vs_<first>=<ratio of median step times>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("searche1.bench.train_layout")
+
+
+def parse_layout(text: str) -> tuple[int, int, int | None]:
+    try:
+        shape, _, micro = text.partition(":")
+        ranks, threads = (int(x) for x in shape.lower().split("x"))
+        mb = int(micro) if micro else None
+        if ranks < 1 or threads < 1 or (mb is not None and mb < 1):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layout {text!r}: expected RANKSxTHREADS[:MICRO], e.g. 2x1 or 1x2:4")
+    return ranks, threads, mb
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.train_layout", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "smoke.yaml"))
+    p.add_argument("--layouts", nargs="+", type=parse_layout, default=[parse_layout("2x1"), parse_layout("1x2")],
+                   help="layouts to time, RANKSxTHREADS[:MICRO] (default: 2x1 1x2)")
+    p.add_argument("--batch", type=int, default=8, help="trajectories per optimizer step (default 8)")
+    p.add_argument("--steps", type=int, default=4, help="steps per layout, the first a warm-up (default 4)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps: at least 2 (the first is a warm-up)")
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    import ray
+
+    from jobs._cli import init_ray
+    from searche1_ray.config import load_config
+    from searche1_ray.data.prepare import prepare_data
+    from searche1_ray.model_store import resolve_model
+    from searche1_ray.pipelines import warmstart_samples
+    from searche1_ray.training.runner import TrainRunner
+    from searche1_ray.training.tasks import SFTTask
+    from searche1_ray.training.warmstart import oracle_training_examples
+
+    n = args.batch * args.steps
+    base = ["run.name=bench-train-layout", "run.dashboard=false", f"warmstart.num_examples={n}", *args.overrides]
+    cfg = load_config(args.config, base)
+    model = resolve_model(cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
+    data = prepare_data(cfg)
+    init_ray(cfg, None)
+    results = []
+    try:
+        samples = warmstart_samples(oracle_training_examples(cfg, data), model, cfg.model.use_chat_template,
+                                    cfg.train.max_seq_len)
+        batches = [samples[i:i + args.batch] for i in range(0, len(samples), args.batch)][: args.steps]
+        seq = [sum(len(s["input_ids"]) for s in b) for b in batches]
+        log.info("%d batches of %d trajectories: %d sequence tokens per batch on average",
+                 len(batches), args.batch, sum(seq) // len(seq))
+        for ranks, threads, mb in args.layouts:
+            over = [f"train.num_workers={ranks}", f"train.cpus_per_worker={threads}"]
+            if mb is not None:
+                over.append(f"train.micro_batch_size={mb}")
+            lcfg = load_config(args.config, [*base, *over])
+            name = f"{ranks}x{threads}:{lcfg.train.micro_batch_size}"
+            with tempfile.TemporaryDirectory(prefix="layout") as tmp:
+                t0 = time.time()
+                runner = TrainRunner(lcfg, model, SFTTask.from_config(lcfg, len(batches)), tmp)
+                start_s = time.time() - t0
+                times = []
+                try:
+                    for b in batches:
+                        t = time.time()
+                        runner.step(b)
+                        times.append(time.time() - t)
+                finally:
+                    runner.stop()
+            med = statistics.median(times[1:])
+            tok_s = statistics.median(s / t for s, t in zip(seq[1:], times[1:]))
+            results.append((name, med))
+            print(f"{name:>8}: start {start_s:5.1f} s, step {med:6.2f} s (median of {len(times) - 1}; "
+                  f"all {' '.join(f'{t:.1f}' for t in times)}), {tok_s:6.0f} sequence tokens/s", flush=True)
+    finally:
+        ray.shutdown()
+    first = results[0]
+    best = min(results, key=lambda r: r[1])
+    print(f"{best[0]}_vs_{first[0]}={first[1] / best[1]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
