@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 MAX_QUERIES = 64
 
 
-ray_local = ray_fixture("rr", num_cpus=4, log_to_driver=False, stop_serve=True, remove_tmp=True)
+ray_local = ray_fixture("rr", num_cpus=2, log_to_driver=False, stop_serve=True, remove_tmp=True)  # 2 CPUs: the app fits a small machine
 world = world_fixture(num_questions=1000)   # the smoke config's world
 
 
