@@ -35,7 +35,7 @@ log = logging.getLogger("searche1.bench.grpo_learning")
 # gradient; on 2 CPU cores they would double the train time), and a short response budget.
 BENCH_OVERRIDES = [
     "run.name=bench-grpo-learning",
-    "grpo.lr=2e-5",
+    "grpo.lr=5e-5",                 # 2e-5: EM 0.54 -> 0.56 in 4 steps; 5e-5: 0.567 -> 0.650 (n=60)
     "grpo.questions_per_step=8",
     "grpo.kl_coef=0.0",
     "grpo.warmup_steps=0",
