@@ -277,6 +277,10 @@ class SelfEvolutionDriver:
         self._load_policy_into_pool(folder, version)
         return folder, version
 
+    def _eval_path(self, label: str, split: str) -> Path:
+        """Where the evaluation of policy ``label`` on ``split`` writes its per-question Parquet."""
+        return self.run_dir / "eval" / label / f"{split}.parquet"
+
     def _evaluate(self, label: str) -> None:
         from searche1_ray.evaluation import evaluate_split
 
@@ -288,7 +292,7 @@ class SelfEvolutionDriver:
                 continue
             limit = cfg.eval.limit or cfg.data.max_eval_questions or len(qs)
             self._live["detail"] = f"evaluating {label} on {split} ({min(limit, len(qs))} questions)"
-            out = self.run_dir / "eval" / label / f"{split}.parquet"
+            out = self._eval_path(label, split)
             known = self._known_evals.pop((label, split), None)
             if known and known.get("n") == min(limit, len(qs)) and Path(known.get("path", "")).is_file():
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -371,7 +375,7 @@ class SelfEvolutionDriver:
         # the post-GRPO evaluation measured this policy on these dev questions already
         start = st.evals.get(f"grpo{cycle}", {}).get("dev")
         if start and start.get("n") == len(dev):  # with its parquet, so eval/opsd<c> can reuse it
-            start = {**start, "path": str(self.run_dir / "eval" / f"grpo{cycle}" / "dev.parquet")}
+            start = {**start, "path": str(self._eval_path(f"grpo{cycle}", "dev"))}
         else:
             start = None
         folder, metrics = run_opsd_round(cfg, self.pool, st.policy, train, dev, str(out), version,
