@@ -60,6 +60,19 @@ def worker_loop(config: dict) -> None:
         ray.get(channel.put_result.remote(cmd["seq"], rank, result if rank == 0 else None))
 
 
+def skip_shm_comm_build() -> None:
+    """Tell DeepSpeed its CPU shared-memory comm op is unavailable, so it does not JIT-compile it.
+
+    On CPU, DeepSpeed's comm backend builds ``deepspeed_shm_comm`` (g++ + ninja, ~50 s on a new
+    machine or HOME) when it starts, but that op only serves ``inference_all_reduce`` (tensor-
+    parallel inference). Training collectives — ZeRO-2's gradient reduce-scatter, all-gathers —
+    go through torch.distributed (gloo), which ``inference_all_reduce`` also falls back to.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class _Worker:
     """One rank: the DeepSpeed engine around the task's model, and the command handlers."""
 
@@ -86,6 +99,8 @@ class _Worker:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=task.lr, betas=task.betas, weight_decay=task.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_factor)
+        if not cfg.train.use_gpu:
+            skip_shm_comm_build()
         # Ray Train already made the torch.distributed group; this only points DeepSpeed's comm
         # layer at it (without it ZeRO-2's gradient reduce asserts "DeepSpeed backend not set")
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
