@@ -17,6 +17,8 @@ import shutil
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
@@ -209,16 +211,27 @@ class SelfEvolutionDriver:
             path = getattr(self.data, split)
             if path is not None and Path(path).is_file():
                 self.questions[split] = read_qa(path)
-        if not st.policy:
-            st.policy = resolve_model(cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
-            self._save()
-        self.tokenizer = AutoTokenizer.from_pretrained(st.policy)
+
+        def policy_and_pool() -> None:
+            # the first run converts the GGUF (~30 s) and the engines start (~25 s) while the
+            # index is built and Serve starts: the workers find the app by name at their first search
+            if not st.policy:
+                st.policy = resolve_model(cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(st.policy)
+            self.pool = RolloutPool(cfg, st.policy, cfg.retriever.app_name)
+            self._metrics.set("rollout_workers", self.pool.num_workers)
+
         index_dir = cfg.retriever.index_dir or str(self.data.dir / f"index-{cfg.retriever.encoder}-{cfg.retriever.index_type}")
-        self.retriever, url = start_retriever(cfg, str(self.data.corpus), index_dir)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="setup") as ex:
+            policy = ex.submit(policy_and_pool)
+            try:
+                self.retriever, url = start_retriever(cfg, str(self.data.corpus), index_dir)
+            finally:
+                futures_wait([policy])
+            policy.result()
+        self._save()
         self._live["retriever_url"] = url
         log.info("retriever at %s", url)
-        self.pool = RolloutPool(cfg, st.policy, self.retriever)
-        self._metrics.set("rollout_workers", self.pool.num_workers)
 
     def _teardown(self) -> None:
         for name in ("runner", "pool"):

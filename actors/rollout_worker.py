@@ -48,7 +48,22 @@ _MAX_REPLACEMENTS = 8           # dead workers replaced per pool before giving u
 
 
 def _retrieve_fn(retriever: Any):
-    """``retrieve(queries, topk)`` for a Serve handle, an actor handle or a plain callable."""
+    """``retrieve(queries, topk)`` for a Serve handle, the name of a Serve app (its handle is
+    looked up at the first search, so the pool can start before the app is up), an actor
+    handle or a plain callable."""
+    if isinstance(retriever, str):
+        app, resolved = retriever, []
+
+        def by_name(queries, topk):
+            if not resolved:
+                from ray import serve
+                try:
+                    resolved.append(_retrieve_fn(serve.get_app_handle(app)))
+                except Exception as e:
+                    raise RuntimeError(f"rollout: no Serve app named {app!r} to search with "
+                                       f"(retriever.app_name): {e}") from e
+            return resolved[0](queries, topk)
+        return by_name
     if retriever is None:
         def none(queries, topk):
             raise RuntimeError("rollout: the policy searched but the pool has no retriever; "

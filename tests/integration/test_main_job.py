@@ -111,10 +111,15 @@ def _job_logs(cluster, job_id: str) -> str:
     return JobSubmissionClient(cluster["dashboard"]).get_job_logs(job_id)
 
 
-def _wait_job(cluster, job_id: str, timeout_s: float = 1200) -> str:
-    status = _wait(lambda: (s := _job_status(cluster, job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
-                   timeout_s, f"job {job_id}", every=5)
-    return status
+def _wait_job(cluster, job_id: str, timeout_s: float = 1200, every: float = 5, on_poll=None) -> str:
+    """The job's terminal status; ``on_poll()`` runs before each status check."""
+    def done():
+        if on_poll is not None:
+            on_poll()
+        s = _job_status(cluster, job_id)
+        return s in ("SUCCEEDED", "FAILED", "STOPPED") and s
+
+    return _wait(done, timeout_s, f"job {job_id}", every=every)
 
 
 def _state(run_dir: Path) -> dict:
@@ -174,12 +179,8 @@ def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path):
 
     _submit(cluster, "smoke-resume", [f"--resume={run_dir}"])
 
-    def resumed_done():
-        _scrape(cluster, "resumed", seen, stages)
-        s = _job_status(cluster, "smoke-resume")
-        return s in ("SUCCEEDED", "FAILED", "STOPPED") and s
-
-    status = _wait(resumed_done, 1200, "job smoke-resume", every=3)
+    status = _wait_job(cluster, "smoke-resume", 1200, every=3,
+                       on_poll=lambda: _scrape(cluster, "resumed", seen, stages))
     logs = _job_logs(cluster, "smoke-resume")
     assert status == "SUCCEEDED", logs[-4000:]
     state = _state(run_dir)

@@ -48,7 +48,9 @@ def retriever(ray_local, cfg, world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool(cfg, model_path, retriever):
     from actors.rollout_worker import RolloutPool
-    p = RolloutPool(cfg, model_path, retriever)
+    # by app name, as the driver does (it starts the pool before the app is up); the workers
+    # look the handle up at their first search. test_opsd and jobs.evaluate pass the handle.
+    p = RolloutPool(cfg, model_path, cfg.retriever.app_name)
     t0 = time.time()
     p.wait_ready(timeout_s=900)
     print(f"\nfirst rollout worker ready in {time.time() - t0:.1f}s")
@@ -336,6 +338,9 @@ def test_elastic_pool_add_mid_round_and_survive_a_killed_worker(pool, world, sea
     # new workers got the current weights before their first batch
     assert {r["policy_version"] for r in rows} == {SEARCHER_VERSION}
     assert pool.num_workers == 2                        # the dead worker was replaced
+    # the replacement may still be loading the weights when the round ends (it gets no batch
+    # before that: see policy_version above); once the pool is ready, every worker holds them
+    pool.wait_ready()
     assert {h["version"] for h in pool.health()} == {SEARCHER_VERSION}
     pool.scale(1)
     assert pool.num_workers == 1

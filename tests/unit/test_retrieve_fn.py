@@ -1,0 +1,58 @@
+"""actors.rollout_worker._retrieve_fn: how a rollout worker calls the retriever it was given."""
+
+import pytest
+
+from actors.rollout_worker import _retrieve_fn
+
+
+class _Response:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _Method:
+    def __init__(self, log):
+        self.log = log
+
+    def remote(self, queries, topk):
+        self.log.append((queries, topk))
+        return _Response([[f"{q}@{topk}"] for q in queries])
+
+
+class _Handle:
+    def __init__(self, log):
+        self.retrieve = _Method(log)
+
+
+def test_app_name_is_looked_up_at_the_first_search_and_once(monkeypatch):
+    from ray import serve
+
+    lookups, calls = [], []
+    monkeypatch.setattr(serve, "get_app_handle", lambda name: lookups.append(name) or _Handle(calls))
+    fn = _retrieve_fn("retriever")
+    assert lookups == []                      # the pool may start before the app is up
+    assert fn(("a", "b"), 3) == [["a@3"], ["b@3"]]
+    assert fn(["c"], 2) == [["c@2"]]
+    assert lookups == ["retriever"] and calls == [(["a", "b"], 3), (["c"], 2)]
+
+
+def test_missing_app_names_the_setting(monkeypatch):
+    from ray import serve
+
+    def missing(name):
+        raise KeyError(name)
+
+    monkeypatch.setattr(serve, "get_app_handle", missing)
+    with pytest.raises(RuntimeError, match=r"no Serve app named 'gone'.*retriever.app_name"):
+        _retrieve_fn("gone")(["q"], 3)
+
+
+def test_callable_none_and_bad_types():
+    assert _retrieve_fn(lambda q, k: [[k]] * len(q))(["x"], 4) == [[4]]
+    with pytest.raises(RuntimeError, match="no retriever"):
+        _retrieve_fn(None)(["q"], 3)
+    with pytest.raises(TypeError, match="cannot call retriever of type int"):
+        _retrieve_fn(5)
