@@ -78,7 +78,7 @@ class TrainRunner:
     """Ray Train workers that live for a round and train ``task`` on the batches they are given.
 
     ``TrainRunner(cfg, model_path, task, run_dir)`` starts the workers and returns once every rank
-    has loaded the model (the first start on a machine also JIT-builds a DeepSpeed op, ~50 s).
+    has loaded the model (~20-30 s on 2 CPU cores; DeepSpeed builds no op: see worker.skip_shm_comm_build).
     """
 
     def __init__(self, cfg: Config, model_path: str, task: Any, run_dir: str | os.PathLike,
