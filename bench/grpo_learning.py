@@ -11,7 +11,9 @@
    --budget-min wall-clock budget (GRPO + both evals) would be exceeded,
 4. greedy EM on the same dev questions.
 
-Fixed seed (run.seed). The last line is ``em_before=<a> em_after=<b>``.
+Fixed seed (run.seed). Before the last line: the question-by-question changes (wrong → right,
+right → wrong, an exact two-sided sign test) and EM and searches per question type. The last
+line is ``em_before=<a> em_after=<b>``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -171,8 +174,38 @@ def main(argv=None) -> int:
           f"total {(time.time() - t_all) / 60:.1f} min")
     print(f"answered before {before['answered']:.2f} after {after['answered']:.2f}; searches before "
           f"{before['num_searches']:.2f} after {after['num_searches']:.2f}; n={before['n']}")
+    for line in paired_summary(dev, run_dir / "eval_before.parquet", run_dir / "eval_after.parquet"):
+        print(line)
     print(f"em_before={before['em']:.3f} em_after={after['em']:.3f}")
     return 0
+
+
+def sign_test(up: int, down: int) -> float:
+    """Two-sided exact sign test: P(a split at least this uneven | each change is a fair coin)."""
+    n = up + down
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(up, down) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_summary(dev: list[dict], before_path: Path, after_path: Path) -> list[str]:
+    """Question by question: how many went wrong → right and right → wrong, a two-sided sign
+    test on those (binomial, p = 1/2), and EM / searches per question type (metadata.type)."""
+    import pandas as pd
+
+    kinds = {q["id"]: (q.get("metadata") or {}).get("type", "all") for q in dev}
+    b, a = pd.read_parquet(before_path), pd.read_parquet(after_path)
+    m = b.merge(a, on="question_id", suffixes=("_before", "_after"))
+    m["type"] = m["question_id"].map(kinds).fillna("all")
+    up = int(((m.em_before < 0.5) & (m.em_after >= 0.5)).sum())
+    down = int(((m.em_before >= 0.5) & (m.em_after < 0.5)).sum())
+    p = sign_test(up, down)
+    lines = [f"paired: {up} wrong -> right, {down} right -> wrong (sign test p={p:.3f}, two-sided)"]
+    for kind, g in m.groupby("type"):
+        lines.append(f"  {kind:<12} n={len(g):<3} EM {g.em_before.mean():.2f} -> {g.em_after.mean():.2f}   "
+                     f"searches {g.num_searches_before.mean():.2f} -> {g.num_searches_after.mean():.2f}")
+    return lines
 
 
 if __name__ == "__main__":

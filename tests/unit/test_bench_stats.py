@@ -1,0 +1,28 @@
+"""bench.grpo_learning.sign_test against the definition, by enumerating every outcome."""
+
+import itertools
+
+import pytest
+
+from bench.grpo_learning import sign_test
+
+
+def _enumerated(up: int, down: int) -> float:
+    """P(min(#up, #down) <= the observed min) over all 2^n equally likely up/down sequences."""
+    n = up + down
+    if n == 0:
+        return 1.0
+    lo = min(up, down)
+    hits = sum(1 for seq in itertools.product((0, 1), repeat=n) if min(sum(seq), n - sum(seq)) <= lo)
+    return hits / 2 ** n
+
+
+@pytest.mark.parametrize("up,down", [(0, 0), (1, 0), (3, 3), (9, 4), (4, 9), (10, 0), (7, 5), (11, 1)])
+def test_sign_test_matches_enumeration(up, down):
+    assert sign_test(up, down) == pytest.approx(_enumerated(up, down), abs=1e-12)
+
+
+def test_sign_test_known_values():
+    assert sign_test(9, 4) == pytest.approx(0.2668, abs=1e-4)      # session 4's bench run
+    assert sign_test(22, 26) == pytest.approx(0.6655, abs=1e-4)
+    assert sign_test(15, 2) < 0.01
