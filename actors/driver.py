@@ -18,7 +18,6 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
@@ -222,13 +221,10 @@ class SelfEvolutionDriver:
             self._metrics.set("rollout_workers", self.pool.num_workers)
 
         index_dir = cfg.retriever.index_dir or str(self.data.dir / f"index-{cfg.retriever.encoder}-{cfg.retriever.index_type}")
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="setup") as ex:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="setup") as ex:  # exit waits for it
             policy = ex.submit(policy_and_pool)
-            try:
-                self.retriever, url = start_retriever(cfg, str(self.data.corpus), index_dir)
-            finally:
-                futures_wait([policy])
-            policy.result()
+            self.retriever, url = start_retriever(cfg, str(self.data.corpus), index_dir)
+        policy.result()
         self._save()
         self._live["retriever_url"] = url
         log.info("retriever at %s", url)
