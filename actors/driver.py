@@ -108,7 +108,6 @@ class SelfEvolutionDriver:
         self._metrics = _Metrics(self.cfg.run.name, self.run_dir / "tb")
         self._live: dict[str, Any] = {}
         self.pool = None
-        self.retriever = None
         self.runner = None
 
     # ---- control -------------------------------------------------------------------------
@@ -223,7 +222,7 @@ class SelfEvolutionDriver:
         index_dir = cfg.retriever.index_dir or str(self.data.dir / f"index-{cfg.retriever.encoder}-{cfg.retriever.index_type}")
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="setup") as ex:  # exit waits for it
             policy = ex.submit(policy_and_pool)
-            self.retriever, url = start_retriever(cfg, str(self.data.corpus), index_dir)
+            _handle, url = start_retriever(cfg, str(self.data.corpus), index_dir)  # the pool finds it by name
         policy.result()
         self._save()
         self._live["retriever_url"] = url
