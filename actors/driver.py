@@ -12,7 +12,6 @@ TensorBoard scalars, and answers ``status()`` while it runs.
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import ray
 
 from searche1_ray.config import Config, config_from_dict
+from searche1_ray.data.sampling import step_questions, strata
 from searche1_ray.run_state import RunState, load_state, save_state, schedule, state_path
 from searche1_ray.training.opsd_round import RoundStopped
 
@@ -209,6 +209,8 @@ class SelfEvolutionDriver:
             path = getattr(self.data, split)
             if path is not None and Path(path).is_file():
                 self.questions[split] = read_qa(path)
+        if cfg.grpo.stratify_by and "train" in self.questions:
+            strata(self.questions["train"], cfg.grpo.stratify_by)  # a missing field fails now, not after the warm start
 
         def policy_and_pool() -> None:
             # the first run converts the GGUF (~30 s) and the engines start (~25 s) while the
@@ -320,8 +322,8 @@ class SelfEvolutionDriver:
         train = self.questions["train"]
         if self.cfg.data.max_train_questions:
             train = train[: self.cfg.data.max_train_questions]
-        rng = random.Random(f"{self.cfg.run.seed}-grpo-{cycle}-{step}")
-        return rng.sample(train, min(self.cfg.grpo.questions_per_step, len(train)))
+        return step_questions(train, self.cfg.grpo.questions_per_step, f"{self.cfg.run.seed}-grpo-{cycle}-{step}",
+                              self.cfg.grpo.stratify_by)
 
     def _grpo_round(self, cycle: int) -> None:
         from searche1_ray.grpo_round import grpo_step

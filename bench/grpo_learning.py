@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -108,6 +107,7 @@ def main(argv=None) -> int:
     from jobs._cli import init_ray
     from searche1_ray.data.prepare import prepare_data
     from searche1_ray.data.readers import read_qa
+    from searche1_ray.data.sampling import step_questions
     from searche1_ray.evaluation import evaluate_split
     from searche1_ray.grpo_round import grpo_step
     from searche1_ray.model_store import resolve_model
@@ -140,8 +140,8 @@ def main(argv=None) -> int:
                  before["em"], before["n"], before["answered"], before["num_searches"], eval_s)
         runner = TrainRunner(cfg, policy, GRPOTask(cfg), run_dir / "train")
         for step in range(args.steps):
-            rng = random.Random(f"{cfg.run.seed}-bench-grpo-{step}")
-            qs = rng.sample(train, cfg.grpo.questions_per_step)
+            qs = step_questions(train, cfg.grpo.questions_per_step, f"{cfg.run.seed}-bench-grpo-{step}",
+                                cfg.grpo.stratify_by)
             m = grpo_step(cfg, pool, runner, None, qs, run_dir / "rollouts" / f"step{step:04d}.parquet",
                           version=step + 1, drop_zero_advantage=not args.keep_zero_advantage)
             history.append(m)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 
@@ -54,6 +53,7 @@ def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool
     from actors.rollout_worker import RolloutPool
     from searche1_ray.data.prepare import prepare_data
     from searche1_ray.data.readers import read_qa
+    from searche1_ray.data.sampling import step_questions, strata
     from searche1_ray.evaluation import evaluate_split
     from searche1_ray.grpo_round import grpo_step
     from searche1_ray.training.runner import TrainRunner
@@ -66,6 +66,8 @@ def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool
     train = read_qa(data.train)
     if cfg.data.max_train_questions:
         train = train[: cfg.data.max_train_questions]
+    if cfg.grpo.stratify_by:
+        strata(train, cfg.grpo.stratify_by)  # a missing field fails now, not after the warm start
     dev = read_qa(data.dev)[:eval_n] if (eval_n and data.dev) else []
     summary: dict = {"run_dir": str(run_dir)}
     tb = SummaryWriter(str(run_dir / "tb"))
@@ -90,8 +92,8 @@ def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool
         history = []
         with open(run_dir / "grpo_metrics.jsonl", "a") as fh:
             for step in range(steps):
-                rng = random.Random(f"{cfg.run.seed}-grpo-{step}")
-                questions = rng.sample(train, min(cfg.grpo.questions_per_step, len(train)))
+                questions = step_questions(train, cfg.grpo.questions_per_step, f"{cfg.run.seed}-grpo-{step}",
+                                           cfg.grpo.stratify_by)
                 m = grpo_step(cfg, pool, runner, None, questions,
                               run_dir / "rollouts" / "grpo" / f"step{step:04d}.parquet", version=step + 1,
                               drop_zero_advantage=drop_zero_advantage)

@@ -150,6 +150,9 @@ class GRPOConfig:
     # they carry no policy gradient, only the small KL term (DAPO's dynamic sampling drops
     # them too). Off = the paper; on halves CPU train time when most groups score alike.
     skip_zero_advantage: bool = False
+    # draw each step's questions evenly from the values of this dotted row field
+    # ("metadata.type" in the synthetic world, "data_source" in Search-R1's mix); "" = uniform
+    stratify_by: str = ""
 
 
 @dataclass

@@ -1,0 +1,69 @@
+"""Which training questions a GRPO step rolls out: a seeded sample, optionally stratified.
+
+``step_questions(train, n, seed, stratify_by="")`` draws ``n`` distinct questions.
+
+- With ``stratify_by`` empty (the paper): a uniform sample without replacement.
+- With a dotted field such as ``metadata.type`` (the synthetic world's question types) or
+  ``data_source`` (Search-R1's NQ / HotpotQA mix): the same number of questions from every stratum
+  (``n // k`` each for ``k`` strata). The ``n mod k`` left over go to strata drawn at random, and a
+  stratum with too few questions hands its share to the others. Every step then sees every kind of
+  question, so an update cannot follow whichever kind the step happened to draw most of.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+
+class StratifyError(ValueError):
+    """A training row lacks the field that ``grpo.stratify_by`` names."""
+
+
+def field_value(row: dict, dotted: str):
+    """``row["a"]["b"]`` for ``dotted="a.b"``; KeyError if any part is missing."""
+    value = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(part)
+        value = value[part]
+    return value
+
+
+def strata(rows: Sequence[dict], dotted: str) -> dict[str, list[int]]:
+    """Row indices by the value of ``dotted``, in order of first appearance."""
+    out: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        try:
+            key = field_value(row, dotted)
+        except KeyError:
+            raise StratifyError(f"grpo.stratify_by={dotted!r}: training row {i} (id {row.get('id')!r}) has no "
+                                f"such field; set grpo.stratify_by to a field every row has, or to '' "
+                                f"for a uniform sample") from None
+        out.setdefault(str(key), []).append(i)
+    return out
+
+
+def step_questions(train: Sequence[dict], n: int, seed: str | int, stratify_by: str = "") -> list[dict]:
+    """``min(n, len(train))`` distinct rows of ``train``, reproducible from ``seed``."""
+    rng = random.Random(seed)
+    n = min(n, len(train))
+    if not stratify_by:
+        return rng.sample(list(train), n)
+    groups = strata(train, stratify_by)
+    names = sorted(groups)
+    # shuffle within each stratum once; a stratum's draw is a prefix of its shuffled list
+    order = {k: rng.sample(groups[k], len(groups[k])) for k in names}
+    take = dict.fromkeys(names, 0)
+    left = n
+    while left:
+        open_ = [k for k in names if take[k] < len(order[k])]
+        share, extra = divmod(left, len(open_))
+        lucky = set(rng.sample(open_, extra))
+        for k in open_:
+            got = min(share + (k in lucky), len(order[k]) - take[k])
+            take[k] += got
+            left -= got
+    picked = [i for k in names for i in order[k][: take[k]]]
+    rng.shuffle(picked)
+    return [train[i] for i in picked]

@@ -1,0 +1,66 @@
+"""Step question sampling: uniform (the paper) and stratified by a row field."""
+
+from collections import Counter
+
+import pytest
+
+from searche1_ray.data.sampling import StratifyError, field_value, step_questions, strata
+
+
+def rows(counts: dict[str, int]) -> list[dict]:
+    out = []
+    for kind, n in counts.items():
+        out += [{"id": f"{kind}_{i}", "metadata": {"type": kind}} for i in range(n)]
+    return out
+
+
+def test_uniform_is_the_old_rng_sample():
+    import random
+
+    train = rows({"a": 30, "b": 10})
+    assert step_questions(train, 8, "0-grpo-3") == random.Random("0-grpo-3").sample(train, 8)
+    assert step_questions(train, 100, 1) == random.Random(1).sample(train, 40)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 8, 16])
+def test_stratified_counts_are_even(n):
+    train = rows({"single_hop": 360, "two_hop": 240, "comparison": 210, "bridge": 190})
+    for seed in range(20):
+        got = step_questions(train, n, seed, "metadata.type")
+        assert len(got) == n and len({r["id"] for r in got}) == n
+        c = Counter(r["metadata"]["type"] for r in got)
+        per = [c.get(k, 0) for k in ("single_hop", "two_hop", "comparison", "bridge")]
+        assert max(per) - min(per) <= 1, per  # every stratum gets n // 4 or n // 4 + 1
+
+
+def test_remainder_goes_to_different_strata_across_seeds():
+    train = rows({"a": 50, "b": 50, "c": 50})
+    extra = Counter()
+    for seed in range(60):
+        c = Counter(r["metadata"]["type"] for r in step_questions(train, 4, seed, "metadata.type"))
+        extra.update(k for k, v in c.items() if v == 2)
+    assert set(extra) == {"a", "b", "c"} and min(extra.values()) >= 10
+
+
+def test_small_stratum_hands_its_share_on():
+    train = rows({"big": 40, "tiny": 1, "mid": 5})
+    got = step_questions(train, 12, 7, "metadata.type")
+    c = Counter(r["metadata"]["type"] for r in got)
+    assert c == {"tiny": 1, "mid": 5, "big": 6}
+    everything = step_questions(train, 999, 7, "metadata.type")
+    assert sorted(r["id"] for r in everything) == sorted(r["id"] for r in train)
+
+
+def test_reproducible_and_seed_dependent():
+    train = rows({"a": 30, "b": 30})
+    assert step_questions(train, 6, "s", "metadata.type") == step_questions(train, 6, "s", "metadata.type")
+    assert step_questions(train, 6, "s", "metadata.type") != step_questions(train, 6, "t", "metadata.type")
+
+
+def test_top_level_field_and_missing_field_error():
+    train = [{"id": "q1", "data_source": "nq"}, {"id": "q2", "data_source": "hotpotqa"}, {"id": "q3"}]
+    assert field_value(train[0], "data_source") == "nq"
+    with pytest.raises(StratifyError, match=r"grpo.stratify_by='data_source': training row 2 \(id 'q3'\)"):
+        strata(train, "data_source")
+    with pytest.raises(StratifyError, match="metadata.type"):
+        step_questions(train, 2, 0, "metadata.type")
