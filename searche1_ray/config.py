@@ -153,6 +153,9 @@ class GRPOConfig:
     # draw each step's questions evenly from the values of this dotted row field
     # ("metadata.type" in the synthetic world, "data_source" in Search-R1's mix); "" = uniform
     stratify_by: str = ""
+    # "token_mean": every policy token of the step weighs the same (Search-R1 / verl);
+    # "seq_mean": every trajectory weighs the same (Eq. 2 as the paper writes it)
+    loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
 
 
 @dataclass

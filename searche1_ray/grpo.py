@@ -14,10 +14,14 @@ and the objective (Eq. 2) is maximised:
     KL_k3   = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1        ("low-variance" k3)
 
 T is the set of tokens the policy wrote (mask 1) over the whole batch: retrieved <information>
-tokens and padding are excluded, and the mean is a token-mean over the batch (the paper's
-Eq. 2 writes 1/G Σ_i 1/|o_i| Σ_t; we follow Search-R1/verl's token-mean aggregation, so long
-and short trajectories weigh per token). ``policy_loss`` returns -J (a loss to minimise).
-Imports torch only.
+tokens and padding are excluded. ``agg="token_mean"`` (the default, Search-R1/verl's
+aggregation) averages over all of T at once, so every token weighs the same and a long
+trajectory weighs more than a short one. ``agg="seq_mean"`` is Eq. 2 as the paper writes it,
+
+    1/B Σ_i 1/|T_i| Σ_{t ∈ T_i} (…)        (B = trajectories with at least one token in T)
+
+so every trajectory weighs the same. ``policy_loss`` returns -J (a loss to minimise). Imports
+torch only.
 """
 
 from __future__ import annotations
@@ -79,8 +83,11 @@ def policy_loss(
     clip_eps: float = 0.2,
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
+    agg: str = "token_mean",
 ) -> tuple[Tensor, dict[str, float]]:
-    """PPO-clip loss of Eq. 2 (negated), token-mean over all mask-1 tokens of the batch.
+    """PPO-clip loss of Eq. 2 (negated): token-mean over all mask-1 tokens of the batch, or with
+    ``agg="seq_mean"`` the mean over rows of each row's token-mean (rows without a mask-1 token
+    left out). The metrics are aggregated the same way.
 
     Shapes: ``logprobs`` / ``old_logprobs`` / ``ref_logprobs`` / ``mask`` ``[B, T]``,
     ``advantages`` ``[B]`` (one per trajectory; ``[B, T]`` also accepted). Gradient flows into
@@ -97,9 +104,13 @@ def policy_loss(
             f"policy_loss: logprobs {tuple(logprobs.shape)}, old_logprobs "
             f"{tuple(old_logprobs.shape)} and mask {tuple(mask.shape)} must all be [B, T]"
         )
+    if agg not in ("token_mean", "seq_mean"):
+        raise ValueError(f"policy_loss: agg must be 'token_mean' or 'seq_mean', got {agg!r}")
     keep = mask.bool()
     m = keep.to(logprobs.dtype)
-    count = m.sum().clamp(min=1.0)
+    if agg == "seq_mean":  # weight 1/|T_i| per token: Σ w·x / Σ w = 1/B Σ_i mean_i(x)
+        m = m / m.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    count = m.sum().clamp(min=1.0)  # tokens, or for seq_mean the rows that have any
 
     adv = advantages.to(logprobs.dtype)
     if adv.dim() == 1:

@@ -193,8 +193,9 @@ class SFTTask(TrainTask):
 
 
 class GRPOTask(TrainTask):
-    """GRPO update (grpo.py, paper Eq. 2): PPO-clip on group-normalised advantages, token-mean
-    over policy-written tokens, k3 KL to a frozen copy of the round's starting policy.
+    """GRPO update (grpo.py, paper Eq. 2): PPO-clip on group-normalised advantages, averaged
+    over policy-written tokens (``grpo.loss_agg``: a token-mean over the minibatch, or the mean of
+    each trajectory's token-mean), k3 KL to a frozen copy of the round's starting policy.
 
     old log-probs = the rollout engine's sampling log-probs (``old_logprobs`` of the samples):
     the importance ratio is π_θ / π_rollout. ``grpo/logprob_gap`` = mean |log π_θ − log π_rollout|
@@ -215,6 +216,7 @@ class GRPOTask(TrainTask):
         super().__init__(g.lr if lr is None else lr, **kwargs)
         self.clip_eps = g.clip_eps
         self.kl_coef = g.kl_coef
+        self.loss_agg = g.loss_agg
         self.use_reference = (g.kl_coef > 0) if use_reference is None else use_reference
         self.reference: torch.nn.Module | None = None
 
@@ -223,25 +225,37 @@ class GRPOTask(TrainTask):
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         return model
 
+    def sample_weight(self, sample: dict) -> float:
+        """token_mean: the sample's loss tokens; seq_mean: 1 per trajectory with any."""
+        tokens = super().sample_weight(sample)
+        return tokens if self.loss_agg == "token_mean" else float(tokens > 0)
+
     def loss(self, model, micro_batch):
         ids, attn, lmask = micro_batch["input_ids"], micro_batch["attention_mask"], micro_batch["loss_mask"]
         select = lmask[:, 1:].bool()
-        # flatten the loss tokens of the micro-batch into one row: the token-mean is unchanged
-        lp = masked_logprobs(model, ids, attn, lmask)[None]
-        old = micro_batch["old_logprobs"][:, 1:][select].to(torch.float32)[None]
-        adv = micro_batch["advantage"].to(torch.float32)[:, None].expand_as(select)[select][None]
-        mask = torch.ones_like(lp)
+        lp = masked_logprobs(model, ids, attn, lmask)
+        old = micro_batch["old_logprobs"][:, 1:][select].to(torch.float32)
+        adv = micro_batch["advantage"].to(torch.float32)[:, None].expand_as(select)[select]
         ref = None
         if self.reference is not None:
             with torch.no_grad():
-                ref = masked_logprobs(self.reference, ids, attn, lmask)[None]
-        loss, m = policy_loss(lp, old, adv, mask, clip_eps=self.clip_eps, ref_logprobs=ref,
-                              kl_coef=self.kl_coef)
-        with torch.no_grad():
+                ref = masked_logprobs(self.reference, ids, attn, lmask)
+        with torch.no_grad():  # trainer vs rollout engine, over this micro-batch's loss tokens
             diff = (lp - old).detach()
             n = max(1, diff.numel())
             gap = float(diff.abs().sum() / n)
             ratio_dev = float((diff.exp() - 1.0).abs().sum() / n)
+        if self.loss_agg == "token_mean":
+            # the loss tokens of the micro-batch as one row: the token-mean is unchanged
+            mask = torch.ones_like(lp)[None]
+            lp, old, adv, ref = (None if x is None else x[None] for x in (lp, old, adv, ref))
+        else:
+            # back to [B, T-1] rows (zeros off the mask) so that each trajectory is averaged alone
+            mask = select
+            lp, old, adv, ref = (None if x is None else x.new_zeros(select.shape).masked_scatter(select, x)
+                                 for x in (lp, old, adv, ref))
+        loss, m = policy_loss(lp, old, adv, mask, clip_eps=self.clip_eps, ref_logprobs=ref,
+                              kl_coef=self.kl_coef, agg=self.loss_agg)
         metrics = {"grpo/loss": float(loss.detach()), "grpo/pg_loss": m["pg_loss"],
                    "grpo/kl": m["kl"], "grpo/clip_frac": m["clip_frac"],
                    "grpo/ratio_mean": m["ratio_mean"], "grpo/ratio_dev": ratio_dev,

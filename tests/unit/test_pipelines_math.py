@@ -187,6 +187,29 @@ def test_grpo_loss_on_policy_ratio_one_and_masked_surrogate():
     assert model.emb.weight.grad is not None and model.emb.weight.grad.abs().sum() > 0
 
 
+def test_grpo_seq_mean_weighs_each_trajectory_once():
+    cfg = load_config(None, ["grpo.kl_coef=0.0", "grpo.loss_agg=seq_mean"])
+    model = _TinyLM()
+    task = GRPOTask(cfg)
+    rows = with_group_advantages([_row("q", 0, 1.0, [1, 2], [3, 4, 5, 6], [1, 0, 1, 1], [0.0] * 4),
+                                  _row("q", 1, 0.0, [1, 2], [7, 8], [1, 1], [0.0] * 2)])
+    for r in rows:  # exactly on-policy: ρ = 1
+        ids = r["prompt_ids"] + r["response_ids"]
+        r["logprobs"] = [_ref_token_logprob(model, ids, len(r["prompt_ids"]) + k) if m else 0.0
+                         for k, m in enumerate(r["loss_mask"])]
+    samples = [grpo_sample(r, 64) for r in rows]
+    assert [task.sample_weight(s) for s in samples] == [1.0, 1.0]
+    loss, m = task.loss(model, pad_samples(samples, task.collate_keys))
+    # 1/B Σ_i mean_t(-A_i) = -(A_0 + A_1) / 2 = 0 for a 1-vs-0 group (3 vs 2 tokens would not cancel)
+    assert float(loss.detach()) == pytest.approx(-(rows[0]["advantage"] + rows[1]["advantage"]) / 2, abs=1e-5)
+    assert m["grpo/logprob_gap"] < 1e-5 and m["grpo/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    token = GRPOTask(load_config(None, ["grpo.kl_coef=0.0"]))
+    assert [token.sample_weight(s) for s in samples] == [3.0, 2.0]
+    tok_loss, _ = token.loss(model, pad_samples(samples, token.collate_keys))
+    assert float(tok_loss.detach()) == pytest.approx(-(3 * rows[0]["advantage"] + 2 * rows[1]["advantage"]) / 5,
+                                                     abs=1e-5)
+
+
 def test_grpo_reference_kl_and_logprob_gap():
     cfg = load_config(None, ["grpo.kl_coef=0.5"])
     model = _TinyLM()
