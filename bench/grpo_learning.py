@@ -48,6 +48,10 @@ BENCH_OVERRIDES = [
     # 9 down, p=0.27). 16 questions/step at lr 5e-5, --sample-seed 1, 4 steps: 0.540 -> 0.590
     # (16 up, 11 down, p=0.44; single-hop up, multi-hop down again). At ~64 training questions
     # per 30 minutes the outcome depends on which questions are drawn (2026-12-03).
+    # On a new machine (2026-12-06; the warm start retrained from an empty cache, EM before again
+    # 0.540; a faster day, so all 10 steps fit): the default draw 0.540 -> 0.660 again (17 up, 5
+    # down, p=0.017; comparison 0.24 -> 0.52, no type down); --sample-seed 2: 0.540 -> 0.590 (8 up,
+    # 3 down, p=0.23). Over the three draws 0.660 / 0.490 / 0.590: mean +0.04, two of three up.
     "grpo.lr=3e-5",
     "grpo.questions_per_step=8",
     "grpo.kl_coef=0.0",
