@@ -221,13 +221,10 @@ def _ray_batches(corpus: Path, spec: EncoderSpec | None, rcfg: RetrieverConfig,
                             batch_format="numpy", batch_size=rcfg.encode_batch_size * 4,
                             compute=ray.data.ActorPoolStrategy(size=workers),
                             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)
-    ctx = ray.data.DataContext.get_current()
-    keep_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True   # row i of the store = FAISS id i
-    try:
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    finally:
-        ctx.execution_options.preserve_order = keep_order
+    # row i of the store = FAISS id i = corpus line i (a prebuilt index counts on it). A Dataset
+    # runs with the copy of the DataContext it was created with: the global one is not read here.
+    ds.context.execution_options.preserve_order = True
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def _local_batches(corpus: Path, spec: EncoderSpec | None, rcfg: RetrieverConfig,

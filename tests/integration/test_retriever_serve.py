@@ -57,6 +57,28 @@ def _questions(world: Path) -> list[dict]:
     return rows
 
 
+def test_the_ray_data_build_runs_its_dataset_in_order(ray_local, world, cfg, monkeypatch):
+    """Ray Data keeps row order only when the Dataset's own DataContext asks for it (a Dataset
+    copies the global context when it is created; setting that one later is ignored — the order
+    then depends on which block finishes first, and a prebuilt FAISS index would point at the
+    wrong passages)."""
+    import ray.data
+
+    from searche1_ray.retrieval.index import _ray_batches
+
+    seen = []
+    iter_batches = ray.data.Dataset.iter_batches
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.context.execution_options.preserve_order)
+        return iter_batches(self, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", spy)
+    ids = [i for b in _ray_batches(world / "corpus.jsonl", None, cfg.retriever, 1) for i in b["id"]]
+    assert seen == [True]
+    assert ids == [json.loads(line)["id"] for line in open(world / "corpus.jsonl")]
+
+
 def test_ray_data_build_keeps_corpus_order(built_index, world):
     import faiss
 
