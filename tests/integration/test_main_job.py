@@ -78,16 +78,18 @@ def cluster():
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
                "metrics": f"http://127.0.0.1:{metrics}/metrics"}
     finally:
-        # SIGINT, as Ctrl-C on `ray start --block`: the head is down in ~2 s (SIGTERM took ~34 s)
+        # SIGINT, as Ctrl-C on `ray start --block`: the head is usually down in ~2 s (SIGTERM took
+        # ~34 s) but once sat for 60 s after the jobs ran, so SIGKILL the session after 15 s
         try:
             os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=60)
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of the head's session is left
         except ProcessLookupError:
             pass
+        proc.wait(timeout=30)
 
 
 def _submit(cluster, job_id: str, args: list[str]) -> None:
