@@ -22,13 +22,14 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from searche1_ray.paired import sign_test  # noqa: E402  (re-exported: tests and older notes use it here)
 
 log = logging.getLogger("searche1.bench.grpo_learning")
 
@@ -195,15 +196,6 @@ def main(argv=None) -> int:
         print(line)
     print(f"em_before={before['em']:.3f} em_after={after['em']:.3f}")
     return 0
-
-
-def sign_test(up: int, down: int) -> float:
-    """Two-sided exact sign test: P(a split at least this uneven | each change is a fair coin)."""
-    n = up + down
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(up, down) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def paired_summary(dev: list[dict], before_path: Path, after_path: Path) -> list[str]:

@@ -142,9 +142,16 @@ class GRPOConfig:
     kl_coef: float = 0.001
     clip_eps: float = 0.2
     grad_clip: float = 1.0
-    ppo_epochs: int = 1
-    mini_batch_size: int = 0       # sequences per optimizer step; 0 = the whole step
-    warmup_steps: int = 0
+    ppo_epochs: int = 1            # passes over a step's batch (Search-R1: 1)
+    mini_batch_size: int = 0       # sequences per optimizer update; 0 = the whole step is one update
+                                   # (Search-R1: 256, so its 512 x G=5 batch makes 10 updates)
+    # pi_old of the PPO ratio: "engine" = the rollout engine's sampling log-probs; "recompute" =
+    # the trainer's log-probs of the batch before the step's first update (verl's old_log_prob);
+    # "auto" = recompute when a step makes more than one update, else engine
+    old_logprobs: Literal["auto", "recompute", "engine"] = "auto"
+    warmup_steps: int = 0          # linear lr warm-up over this many optimizer updates
+    warmup_ratio: float = 0.0      # or over this share of the round's updates (Search-R1: 0.285)
+    weight_decay: float = 0.0      # AdamW (Search-R1 / verl: 0.01)
     checkpoint_every: int = 50
     # leave groups whose G rewards are all equal (advantage 0 everywhere) out of the update:
     # they carry no policy gradient, only the small KL term (DAPO's dynamic sampling drops
@@ -174,6 +181,13 @@ class OPSDConfig:
     batch_size: int = 8
     eval_every: int = 20
     lean_loss: bool = True
+    # Eq. 7's normalisation: "seq_mean" = each trajectory's mean over its policy tokens |R_tau|,
+    # then the mean over trajectories (the paper); "token_mean" = every policy token of the batch
+    # weighs the same (the token-weighted batch mean)
+    loss_agg: Literal["seq_mean", "token_mean"] = "seq_mean"
+    # what the teacher reads of the reference (Eq. 4): "full" = its whole response, retrieved
+    # <information> blocks included (the paper); "policy_text" = without them (shorter prompts)
+    teacher_reference: Literal["full", "policy_text"] = "full"
     teacher_template: str = (
         "{instruction} Question: {question}\n\n"
         "Here is a reference solution that reached the correct answer:\n{reference}\n\n"
@@ -267,6 +281,9 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("grpo.grad_clip", lambda v: v > 0, "> 0"),
     ("grpo.ppo_epochs", lambda v: v >= 1, ">= 1"),
     ("grpo.mini_batch_size", lambda v: v >= 0, ">= 0"),
+    ("grpo.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("grpo.warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("grpo.weight_decay", lambda v: v >= 0, ">= 0"),
     ("grpo.checkpoint_every", lambda v: v >= 1, ">= 1"),
     ("opsd.samples_per_question", lambda v: v >= 2, ">= 2"),
     ("opsd.num_references", lambda v: v >= 1, ">= 1"),
@@ -371,6 +388,9 @@ def validate(cfg: Config) -> Config:
     if cfg.cluster.gpus_per_node and cfg.cluster.num_gpus and cfg.cluster.gpus_per_node > cfg.cluster.num_gpus:
         raise ConfigError(f"config: cluster.gpus_per_node ({cfg.cluster.gpus_per_node}) must be <= "
                           f"cluster.num_gpus ({cfg.cluster.num_gpus})")
+    if cfg.grpo.warmup_steps and cfg.grpo.warmup_ratio:
+        raise ConfigError(f"config: set grpo.warmup_steps ({cfg.grpo.warmup_steps}) or grpo.warmup_ratio "
+                          f"({cfg.grpo.warmup_ratio}), not both")
     if cfg.data.source == "files":
         for key in ("train_path", "corpus_path"):
             if not getattr(cfg.data, key):

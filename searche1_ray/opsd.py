@@ -13,7 +13,10 @@ On-policy self-distillation (paper Eq. 3-7). For one question with rollouts o_1.
   (6) per-token forward KL  KL_t = Σ_v P_t(v) (log P_t(v) − log P_s(v)), over the student's own
       policy-written tokens (mask 1);
   (7) clipped loss  L = 1/|M| Σ_{t ∈ M} Σ_v min( P_t(v) (log P_t(v) − log P_s(v)), τ_clip ),
-      the teacher is a constant (no gradient), an empty M gives 0.
+      the teacher is a constant (no gradient), an empty M gives 0. That is the default
+      ``agg="token_mean"`` (every masked token of the batch weighs the same). The paper writes
+      (7) per trajectory: L = 1/|B| Σ_τ 1/|R_τ| Σ_{t ∈ R_τ} Σ_v min(…), ``agg="seq_mean"``
+      (rows without a masked token are not counted in |B|).
 
 ``clipped_forward_kl`` computes (7) from full logits ``[B, T, V]``. ``clipped_forward_kl_lean``
 computes the same value and gradient from hidden states and the LM-head weight, a chunk of
@@ -123,8 +126,11 @@ def clipped_forward_kl(
     mask: Tensor,
     tau_clip: float = 10.0,
     return_stats: bool = False,
+    agg: str = "token_mean",
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
-    """Eq. 7 from full logits: mean over mask-1 positions of Σ_v min(P_t(v)(log P_t − log P_s), τ).
+    """Eq. 7 from full logits: mean over mask-1 positions of Σ_v min(P_t(v)(log P_t − log P_s), τ)
+    (``agg="token_mean"``), or each row's mean over its mask-1 positions, averaged over the rows
+    that have any (``agg="seq_mean"``, the paper's 1/|R_τ| per trajectory).
 
     ``student_logits`` / ``teacher_logits`` ``[B, T, V]`` (position t of both predicts the
     student's token t), ``mask`` ``[B, T]``. The teacher is detached. Half-precision logits are
@@ -147,16 +153,32 @@ def clipped_forward_kl(
     keep = mask.bool()
     m = keep.to(dtype)
     count = m.sum().clamp(min=1.0)
-    loss = (per_position * m).sum() / count
+    weight = position_weights(keep, agg).to(dtype)
+    loss = (per_position * weight).sum()
     if not return_stats:
         return loss
     with torch.no_grad():
         n_terms = count * student_logits.shape[-1]
         stats = {
             "clip_frac": float(((term > tau_clip) & keep.unsqueeze(-1)).sum() / n_terms),
-            "kl_unclipped": float((term.sum(dim=-1) * m).sum() / count),
+            "kl_unclipped": float((term.sum(dim=-1) * weight).sum()),
         }
     return loss, stats
+
+
+def position_weights(mask: Tensor, agg: str = "token_mean") -> Tensor:
+    """Weight of each ``[B, T]`` position in Eq. 7's mean (0 off the mask; the weights sum to 1,
+    or to 0 for an all-masked batch): 1/|M| for ``token_mean``; 1/(|B'|·|R_b|) for ``seq_mean``,
+    B' = the rows with at least one mask-1 position."""
+    keep = mask.bool()
+    m = keep.to(torch.float64)
+    if agg == "token_mean":
+        return m / m.sum().clamp(min=1.0)
+    if agg == "seq_mean":
+        per_row = m.sum(dim=-1, keepdim=True)
+        rows = (per_row > 0).sum().clamp(min=1)
+        return m / per_row.clamp(min=1.0) / rows
+    raise ValueError(f"opsd loss: agg must be 'token_mean' or 'seq_mean', got {agg!r}")
 
 
 class _ChunkedClippedKL(torch.autograd.Function):
@@ -164,7 +186,7 @@ class _ChunkedClippedKL(torch.autograd.Function):
     scalar, so backward only scales it), so backward holds no [N, V] tensor either."""
 
     @staticmethod
-    def forward(ctx, s_hidden, t_hidden, weight, tau_clip, chunk_size, stats):  # noqa: D102
+    def forward(ctx, s_hidden, t_hidden, weight, tau_clip, chunk_size, stats, pos_weight):  # noqa: D102
         need_s, _, need_w = ctx.needs_input_grad[:3]
         n, _ = s_hidden.shape
         dtype = _compute_dtype(s_hidden.dtype)
@@ -175,10 +197,11 @@ class _ChunkedClippedKL(torch.autograd.Function):
         n_clipped = 0
         grad_s = torch.zeros(s_hidden.shape, dtype=dtype, device=dev) if need_s else None
         grad_w = torch.zeros(w.shape, dtype=dtype, device=dev) if need_w else None
-        inv_n = 1.0 / max(n, 1)
+        pos_weight = pos_weight.to(device=dev, dtype=dtype)
         for start in range(0, n, chunk_size):
             s_c = s_hidden[start : start + chunk_size].to(dtype)
             t_c = t_hidden[start : start + chunk_size].to(dtype)
+            w_c = pos_weight[start : start + chunk_size].unsqueeze(-1)
             log_ps = s_c @ w.T
             log_ps -= torch.logsumexp(log_ps, dim=-1, keepdim=True)
             log_pt = t_c @ w.T
@@ -187,15 +210,15 @@ class _ChunkedClippedKL(torch.autograd.Function):
             term = log_pt.sub_(log_ps).mul_(pt)  # reuses log_pt's buffer
             clipped = term > tau_clip
             n_clipped += int(clipped.sum())
-            total_unclipped += term.sum()
-            total += term.clamp_(max=tau_clip).sum()
+            total_unclipped += (term.sum(dim=-1, keepdim=True) * w_c).sum()
+            total += (term.clamp_(max=tau_clip).sum(dim=-1, keepdim=True) * w_c).sum()
             del term, log_pt
             if need_s or need_w:
                 # d/d log_ps of min(term, τ) is −P_t where term ≤ τ (clamp's convention), 0 above;
                 # through log_softmax: g − softmax(s) · Σ_v g
                 g = pt.masked_fill_(clipped, 0.0).neg_()
                 g_sum = g.sum(dim=-1, keepdim=True)
-                grad_logits = log_ps.exp_().mul_(g_sum).neg_().add_(g).mul_(inv_n)
+                grad_logits = log_ps.exp_().mul_(g_sum).neg_().add_(g).mul_(w_c)
                 del g, pt
                 if need_s:
                     grad_s[start : start + chunk_size] = grad_logits @ w
@@ -204,12 +227,12 @@ class _ChunkedClippedKL(torch.autograd.Function):
                 del grad_logits
             del log_ps, clipped
         stats["clip_frac"] = n_clipped / max(n * weight.shape[0], 1)
-        stats["kl_unclipped"] = float(total_unclipped) * inv_n
+        stats["kl_unclipped"] = float(total_unclipped)
         # kept on ctx (not save_for_backward): backward scales them in place and drops them,
         # so the [V, H] buffer becomes W.grad without a copy
         ctx.grads = (grad_s, grad_w)
         ctx.input_dtypes = (s_hidden.dtype, weight.dtype)
-        return total * inv_n
+        return total
 
     @staticmethod
     @once_differentiable
@@ -222,7 +245,7 @@ class _ChunkedClippedKL(torch.autograd.Function):
         s_dtype, w_dtype = ctx.input_dtypes
         gs = grad_s.mul_(grad_out).to(s_dtype) if grad_s is not None else None
         gw = grad_w.mul_(grad_out).to(w_dtype) if grad_w is not None else None
-        return gs, None, gw, None, None, None
+        return gs, None, gw, None, None, None, None
 
 
 def clipped_forward_kl_lean(
@@ -233,8 +256,9 @@ def clipped_forward_kl_lean(
     tau_clip: float = 10.0,
     chunk_size: int = 128,
     return_stats: bool = False,
+    agg: str = "token_mean",
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
-    """Eq. 7 like ``clipped_forward_kl(h_s @ W.T, h_t @ W.T, mask, τ)``, without [B, T, V] logits.
+    """Eq. 7 like ``clipped_forward_kl(h_s @ W.T, h_t @ W.T, mask, τ, agg=agg)``, without [B, T, V] logits.
 
     ``student_hidden`` / ``teacher_hidden`` ``[B, T, H]`` (final hidden states at the student's
     token positions), ``lm_head_weight`` ``[V, H]`` (no bias, as in Llama/SmolLM2), ``mask``
@@ -260,6 +284,7 @@ def clipped_forward_kl_lean(
         )
     if chunk_size < 1:
         raise ValueError(f"clipped_forward_kl_lean: chunk_size must be >= 1, got {chunk_size}")
+    pos_weight = position_weights(mask, agg).reshape(-1)
     idx = mask.reshape(-1).bool().nonzero().squeeze(-1)
     s_sel = student_hidden.reshape(-1, h).index_select(0, idx)
     t_sel = teacher_hidden.detach().reshape(-1, h).index_select(0, idx)
@@ -267,5 +292,6 @@ def clipped_forward_kl_lean(
     if not torch.is_grad_enabled():  # evaluation: skip the gradient work done in forward
         s_sel, weight = s_sel.detach(), weight.detach()
     stats: dict[str, float] = {}
-    loss = _ChunkedClippedKL.apply(s_sel, t_sel, weight, float(tau_clip), int(chunk_size), stats)
+    loss = _ChunkedClippedKL.apply(s_sel, t_sel, weight, float(tau_clip), int(chunk_size), stats,
+                                   pos_weight.index_select(0, idx))
     return (loss, stats) if return_stats else loss

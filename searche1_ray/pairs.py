@@ -8,8 +8,8 @@ compares the *policy text* of each rollout: its response without the retrieved
 
 One output row per question (``PAIR_SCHEMA``): ``status`` = ``pair`` or ``dropped``
 (``drop_reason`` = ``no_correct`` / ``no_student``); a pair row carries the student rollout's
-token ids and loss mask (what the loss trains on) and the references' policy texts (what the
-teacher reads). ``mine_group`` is the pure per-question function; ``mine_pairs`` runs it on Ray
+token ids and loss mask (what the loss trains on) and the references, whole and as policy text
+(what the teacher reads, ``opsd.teacher_reference``). ``mine_group`` is the pure per-question function; ``mine_pairs`` runs it on Ray
 Data and returns the pair rows plus counts. Ray is imported only inside ``mine_pairs``.
 """
 
@@ -51,7 +51,8 @@ PAIR_SCHEMA = pa.schema([
     ("loss_mask", pa.list_(pa.int64())),
     ("reference_sample_idxs", pa.list_(pa.int64())),
     ("reference_num_searches", pa.list_(pa.int64())),
-    ("reference_texts", pa.list_(pa.string())),
+    ("reference_texts", pa.list_(pa.string())),      # policy text (no <information>)
+    ("reference_responses", pa.list_(pa.string())),  # the whole responses (Eq. 4's teacher context)
 ])
 
 
@@ -70,7 +71,7 @@ def _empty_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "student_sample_idx": -1, "student_reward": 0.0, "student_num_searches": 0,
             "student_text": "", "edit_distance": 0, "prompt_ids": [], "response_ids": [],
             "loss_mask": [], "reference_sample_idxs": [], "reference_num_searches": [],
-            "reference_texts": []}
+            "reference_texts": [], "reference_responses": []}
 
 
 def mine_group(rows: Sequence[dict[str, Any]], num_references: int = 1) -> dict[str, Any]:
@@ -99,6 +100,7 @@ def mine_group(rows: Sequence[dict[str, Any]], num_references: int = 1) -> dict[
         "reference_sample_idxs": [int(r["row"].get("sample_idx", 0)) for r in refs],
         "reference_num_searches": [int(r["num_searches"]) for r in refs],
         "reference_texts": [r["text"] for r in refs],
+        "reference_responses": [str(r["row"]["response"]).strip() for r in refs],
     })
     return out
 

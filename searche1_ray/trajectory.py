@@ -92,6 +92,25 @@ def parse_action(turn_text: str) -> Action:
     return Action("invalid", None)
 
 
+def information_blocks(response: str) -> list[str]:
+    """The retrieved ``<information>…</information>`` blocks of a response, tags included."""
+    return _INFO_RE.findall(response)
+
+
+def shorten_information(response: str, keep: float) -> str:
+    """The response with the text inside every ``<information>`` block cut to its first ``keep``
+    share (0..1; " …" marks a cut): the retrieved part shrinks, what the policy wrote stays whole."""
+    keep = min(1.0, max(0.0, keep))
+
+    def cut(m: re.Match) -> str:
+        inner = m.group(0)[len("<information>"):-len("</information>")]
+        if keep >= 1.0:
+            return m.group(0)
+        return "<information>" + inner[: int(len(inner) * keep)].rstrip() + " …</information>"
+
+    return _INFO_RE.sub(cut, response)
+
+
 def strip_information(response: str) -> str:
     """The response with every retrieved ``<information>`` block removed (what the policy wrote,
     plus any observer hints)."""

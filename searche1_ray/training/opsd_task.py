@@ -5,15 +5,18 @@ One pair (paper §3.2-3.3) gives two token sequences that end in the *same* resp
 
     student input  P_S ‖ τ_s     P_S = the rollout's own prompt (instruction ‖ question)
     teacher input  P_T ‖ τ_s     P_T = ``opsd.teacher_template`` (instruction ‖ question ‖
-                                 the reference's policy-written text ‖ "solve it in your own words")
+                                 the reference τ_ref ‖ "solve it in your own words"); τ_ref is the
+                                 reference's whole response, <information> included (Eq. 4;
+                                 ``opsd.teacher_reference: full``), or its policy-written text
 
 Both forward passes run on one model: the teacher with the LoRA adapter disabled and no gradient,
 the student with the adapter on. Position j of τ_s is predicted by the hidden state at
 ``len(P)-1+j`` of each input; the loss (Eq. 7, ``searche1_ray.opsd``) is
 
-    L = 1/|M| Σ_{j ∈ M} Σ_v min( P_T(v | P_T, τ_<j) (log P_T(v | ·) − log P_S(v | P_S, τ_<j)), τ_clip )
+    L = 1/|B| Σ_τ 1/|R_τ| Σ_{j ∈ R_τ} Σ_v min( P_T(v | P_T, τ_<j) (log P_T(v | ·) − log P_S(v | P_S, τ_<j)), τ_clip )
 
-with M = the positions the policy wrote (``loss_mask`` = 1). ``opsd.lean_loss`` computes it from
+with R_τ = the positions of trajectory τ the policy wrote (``loss_mask`` = 1), B the batch
+(``opsd.loss_agg: seq_mean``; ``token_mean`` = one mean over all the batch's policy tokens). ``opsd.lean_loss`` computes it from
 final hidden states and the LM head, chunk by chunk (no [B, T, V] logits); otherwise from logits.
 Only the adapter trains (the base weights stay frozen, so the teacher never moves).
 
@@ -32,7 +35,7 @@ from torch import Tensor
 
 from searche1_ray.config import Config
 from searche1_ray.opsd import clipped_forward_kl, clipped_forward_kl_lean
-from searche1_ray.trajectory import INSTRUCTION
+from searche1_ray.trajectory import INSTRUCTION, information_blocks, shorten_information
 
 from searche1_ray.training.tasks import TrainTask
 
@@ -74,16 +77,29 @@ def _wrap_chat(user: str, tokenizer: Any, use_chat_template: bool) -> str:
 
 def teacher_prompt_ids(question: str, references: Sequence[str], tokenizer: Any, cfg: Config,
                        max_tokens: int) -> list[int]:
-    """Token ids of the teacher prompt P_T; reference texts are shortened (their tails cut) until
-    the prompt fits in ``max_tokens``."""
+    """Token ids of the teacher prompt P_T. A prompt over ``max_tokens`` is shortened first inside
+    the references' retrieved ``<information>`` blocks (each cut to the same share, so the
+    reference's searches and answer stay whole), then, if that is not enough, at the references'
+    tails."""
     refs = [str(r) for r in references]
-    for _ in range(8):
-        text = _wrap_chat(teacher_user_message(question, refs, cfg.opsd.teacher_template),
+    info_keep = 1.0
+    for _ in range(12):
+        text = _wrap_chat(teacher_user_message(question, refs if info_keep >= 1.0 else
+                                               [shorten_information(r, info_keep) for r in refs],
+                                               cfg.opsd.teacher_template),
                           tokenizer, cfg.model.use_chat_template)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         excess = len(ids) - max_tokens
         if excess <= 0:
             return ids
+        info = sum(len(tokenizer(b, add_special_tokens=False)["input_ids"])
+                   for r in refs for b in information_blocks(shorten_information(r, info_keep)))
+        if info > 4 * len(refs) and info_keep > 0.0:   # cut the retrieved text first
+            info_keep = max(0.0, info_keep * (info - excess - 4 * len(refs)) / info)
+            continue
+        if info_keep < 1.0:                            # nothing retrieved left to cut: the tails
+            refs = [shorten_information(r, info_keep) for r in refs]
+            info_keep = 1.0
         ref_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in refs]
         total = sum(len(r) for r in ref_ids)
         if total == 0:
@@ -93,6 +109,18 @@ def teacher_prompt_ids(question: str, references: Sequence[str], tokenizer: Any,
     raise ValueError(
         f"opsd: the teacher prompt for question {question[:60]!r} does not fit in {max_tokens} tokens "
         "even without the reference; raise train.max_seq_len or shorten opsd.teacher_template")
+
+
+def teacher_references(pair: dict[str, Any], cfg: Config) -> list[str]:
+    """What the teacher reads of the pair's references (``opsd.teacher_reference``): the whole
+    responses, retrieved ``<information>`` included (Eq. 4: "full"), or their policy-written text."""
+    if cfg.opsd.teacher_reference == "full":
+        full = pair.get("reference_responses")
+        if full is None:
+            raise KeyError(f"opsd pair {pair.get('question_id')}: no 'reference_responses' column (pairs mined "
+                           "by an older version); re-mine them or set opsd.teacher_reference=policy_text")
+        return [str(r) for r in full]
+    return [str(r) for r in pair["reference_texts"]]
 
 
 def make_sample(pair: dict[str, Any], tokenizer: Any, cfg: Config) -> dict[str, Any] | None:
@@ -111,9 +139,11 @@ def make_sample(pair: dict[str, Any], tokenizer: Any, cfg: Config) -> dict[str, 
         raise ValueError(f"opsd pair {pair.get('question_id')}: {len(response)} response ids but "
                          f"{len(mask)} loss_mask entries")
     student_prompt = [int(t) for t in pair["prompt_ids"]]
-    teacher_prompt = teacher_prompt_ids(pair["question"], list(pair["reference_texts"]), tokenizer, cfg,
+    teacher_prompt = teacher_prompt_ids(pair["question"], teacher_references(pair, cfg), tokenizer, cfg,
                                         max_tokens=max_len - MIN_RESPONSE_TOKENS)
-    keep = max_len - max(len(teacher_prompt), len(student_prompt))
+    # the student input (the one trained through) fits in max_seq_len; the teacher input (no
+    # gradient) may run to twice that, so a whole reference never crowds out the response
+    keep = min(max_len - len(student_prompt), 2 * max_len - len(teacher_prompt))
     response, mask = response[:keep], mask[:keep]
     if not any(mask):
         return None
@@ -208,7 +238,7 @@ def response_hidden(peft_model: Any, input_ids: Tensor, attention_mask: Tensor, 
 
 
 def opsd_loss(model: Any, batch: dict[str, Tensor], tau_clip: float, lean: bool,
-              chunk_size: int = LEAN_CHUNK_SIZE) -> tuple[Tensor, dict[str, float]]:
+              chunk_size: int = LEAN_CHUNK_SIZE, agg: str = "token_mean") -> tuple[Tensor, dict[str, float]]:
     """Eq. 7 for a collated micro-batch: teacher = adapter disabled, no grad, teacher input;
     student = adapter on, student input; both over the student's response positions."""
     pm = _unwrap(model)
@@ -223,11 +253,11 @@ def opsd_loss(model: Any, batch: dict[str, Tensor], tau_clip: float, lean: bool,
     head = pm.get_base_model().get_output_embeddings()
     if lean:
         loss, stats = clipped_forward_kl_lean(s_hidden, t_hidden, head.weight, mask, tau_clip,
-                                              chunk_size=chunk_size, return_stats=True)
+                                              chunk_size=chunk_size, return_stats=True, agg=agg)
     else:
         with torch.no_grad():
             t_logits = head(t_hidden)
-        loss, stats = clipped_forward_kl(head(s_hidden), t_logits, mask, tau_clip, return_stats=True)
+        loss, stats = clipped_forward_kl(head(s_hidden), t_logits, mask, tau_clip, return_stats=True, agg=agg)
     metrics = {"opsd/kl": float(loss.detach()), "opsd/clip_frac": stats["clip_frac"],
                "opsd/kl_unclipped": stats["kl_unclipped"]}
     return loss, metrics
@@ -268,8 +298,10 @@ def merged_state_dict(model: Any, dtype: torch.dtype = torch.bfloat16) -> dict[s
 
 
 class OPSDTask(TrainTask):
-    """The LoRA-OPSD task for ``TrainRunner``: samples are ``make_sample`` dicts; the runner
-    weighs each by its number of policy-written response tokens (``loss_mask``)."""
+    """The LoRA-OPSD task for ``TrainRunner``: samples are ``make_sample`` dicts. ``opsd.loss_agg``
+    says how the runner weighs a sample in the batch mean: ``seq_mean`` (the paper's Eq. 7) = 1 per
+    trajectory, each trajectory's loss being the mean over its own policy tokens; ``token_mean`` =
+    its number of policy-written response tokens (``loss_mask``)."""
 
     name = "opsd"
 
@@ -295,11 +327,16 @@ class OPSDTask(TrainTask):
                  ",".join(o.target_modules), trainable)
         return pm
 
+    def sample_weight(self, sample: dict) -> float:
+        tokens = super().sample_weight(sample)
+        return tokens if self.cfg.opsd.loss_agg == "token_mean" else float(tokens > 0)
+
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
         return collate_pairs(samples, pad_id=self.pad_id)
 
     def loss(self, model: Any, micro_batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        return opsd_loss(model, micro_batch, self.cfg.opsd.tau_clip, self.cfg.opsd.lean_loss)
+        return opsd_loss(model, micro_batch, self.cfg.opsd.tau_clip, self.cfg.opsd.lean_loss,
+                         agg=self.cfg.opsd.loss_agg)
 
     def export_weights(self, model: Any) -> dict[str, Tensor]:
         return merged_state_dict(model)

@@ -95,6 +95,19 @@ def masked_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return token_logprobs(logits[:, :-1][select], targets)
 
 
+def rank_micro_batches(minibatch: Sequence[dict], rank: int, world: int, micro_batch_size: int
+                       ) -> list[list[int] | None]:
+    """This rank's micro-batches of a global minibatch, as row indices: the rows sorted by length
+    are dealt round-robin (``rank::world``) so ranks get similar work and micro-batches similar
+    lengths; every rank gets the same number of micro-batches, a short shard padded with None
+    (a zero-weight dummy: ZeRO-2 reduces gradients in every backward, so all ranks must run it)."""
+    by_len = sorted(range(len(minibatch)), key=lambda i: len(minibatch[i]["input_ids"]))
+    mine = by_len[rank::world]
+    micros: list[list[int] | None] = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    n_micro = math.ceil(math.ceil(len(minibatch) / world) / micro_batch_size)
+    return micros + [None] * (n_micro - len(micros))
+
+
 def full_state_dict(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """HF-named weights as contiguous CPU tensors of ``dtype``; tied duplicates (``lm_head``
     sharing the embedding) are dropped, as ``save_pretrained`` does."""
@@ -141,6 +154,11 @@ class TrainTask:
         rows = list(batch)
         size = self.mini_batch_size or len(rows)
         return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+    def updates_per_step(self, num_samples: int) -> int:
+        """Optimizer updates one step of ``num_samples`` samples makes: epochs x minibatches."""
+        size = self.mini_batch_size or max(1, num_samples)
+        return self.epochs * max(1, math.ceil(num_samples / size))
 
     def sample_weight(self, sample: dict) -> float:
         """How much a sample counts in the minibatch mean: its number of loss tokens."""
@@ -197,10 +215,14 @@ class GRPOTask(TrainTask):
     over policy-written tokens (``grpo.loss_agg``: a token-mean over the minibatch, or the mean of
     each trajectory's token-mean), k3 KL to a frozen copy of the round's starting policy.
 
-    old log-probs = the rollout engine's sampling log-probs (``old_logprobs`` of the samples):
-    the importance ratio is π_θ / π_rollout. ``grpo/logprob_gap`` = mean |log π_θ − log π_rollout|
+    π_old (``grpo.old_logprobs``): "engine" = the rollout engine's sampling log-probs
+    (``old_logprobs`` of the samples), so ρ = π_θ / π_rollout; "recompute" = the trainer's own
+    log-probs of the batch under the weights that generated it, computed by
+    ``recompute_old_logprobs`` before the step's first update (as verl does), so ρ is exactly 1 on
+    the first minibatch and later minibatches see only the step's own updates. "auto" recomputes
+    when a step makes more than one update. ``grpo/logprob_gap`` = mean |log π_θ − log π_rollout|
     over the loss tokens of the first minibatch (before any update), i.e. the trainer/engine
-    numerical gap; ``grpo/ratio_dev`` = mean |ρ − 1| there (0 when exactly on-policy).
+    numerical gap, in both modes; ``grpo/ratio_dev`` = mean |ρ − 1| there (0 when exactly on-policy).
     """
 
     name = "grpo"
@@ -211,12 +233,21 @@ class GRPOTask(TrainTask):
                  **overrides: Any):
         g = cfg.grpo
         kwargs: dict[str, Any] = dict(epochs=g.ppo_epochs, mini_batch_size=g.mini_batch_size,
-                                      warmup_steps=g.warmup_steps, grad_clip=g.grad_clip)
+                                      warmup_steps=g.warmup_steps, grad_clip=g.grad_clip,
+                                      weight_decay=g.weight_decay)
         kwargs.update(overrides)
         super().__init__(g.lr if lr is None else lr, **kwargs)
         self.clip_eps = g.clip_eps
         self.kl_coef = g.kl_coef
         self.loss_agg = g.loss_agg
+        # updates a nominal step makes (every group kept): what warmup_ratio and "auto" count on
+        nominal = self.updates_per_step(g.questions_per_step * cfg.rollout.group_size)
+        if g.warmup_ratio and "warmup_steps" not in overrides:
+            self.warmup_steps = math.ceil(g.warmup_ratio * g.steps_per_round * nominal)
+        mode = g.old_logprobs if g.old_logprobs != "auto" else ("recompute" if nominal > 1 else "engine")
+        self.recompute_old = mode == "recompute"
+        if self.recompute_old:
+            self.collate_keys = self.collate_keys + ("engine_logprobs",)
         self.use_reference = (g.kl_coef > 0) if use_reference is None else use_reference
         self.reference: torch.nn.Module | None = None
 
@@ -235,16 +266,16 @@ class GRPOTask(TrainTask):
         select = lmask[:, 1:].bool()
         lp = masked_logprobs(model, ids, attn, lmask)
         old = micro_batch["old_logprobs"][:, 1:][select].to(torch.float32)
+        engine = micro_batch["engine_logprobs"][:, 1:][select].to(torch.float32) if self.recompute_old else old
         adv = micro_batch["advantage"].to(torch.float32)[:, None].expand_as(select)[select]
         ref = None
         if self.reference is not None:
             with torch.no_grad():
                 ref = masked_logprobs(self.reference, ids, attn, lmask)
-        with torch.no_grad():  # trainer vs rollout engine, over this micro-batch's loss tokens
-            diff = (lp - old).detach()
-            n = max(1, diff.numel())
-            gap = float(diff.abs().sum() / n)
-            ratio_dev = float((diff.exp() - 1.0).abs().sum() / n)
+        with torch.no_grad():  # trainer vs rollout engine / vs pi_old, over this micro-batch's loss tokens
+            n = max(1, lp.numel())
+            gap = float((lp - engine).abs().sum() / n)
+            ratio_dev = float(((lp - old).exp() - 1.0).abs().sum() / n)
         if self.loss_agg == "token_mean":
             # the loss tokens of the micro-batch as one row: the token-mean is unchanged
             mask = torch.ones_like(lp)[None]
@@ -261,3 +292,31 @@ class GRPOTask(TrainTask):
                    "grpo/ratio_mean": m["ratio_mean"], "grpo/ratio_dev": ratio_dev,
                    "grpo/logprob_gap": gap}
         return loss, metrics
+
+    @torch.no_grad()
+    def recompute_old_logprobs(self, model: torch.nn.Module, batch: Sequence[dict], rank: int, world: int,
+                               micro_batch_size: int, device: torch.device | str = "cpu") -> list[dict]:
+        """π_old = the current (not yet updated) weights: a copy of ``batch`` whose samples this
+        rank trains on carry the trainer's log-probs as ``old_logprobs`` and the engine's as
+        ``engine_logprobs``. Run before the step's first update; the micro-batches are the ones
+        the update will use (same rows, same padding), so ρ is exactly 1 on the first minibatch.
+        Rows of other ranks are left as they are (each rank only reads its own)."""
+        out = [dict(s) for s in batch]
+        for s in out:
+            s["engine_logprobs"] = s["old_logprobs"]
+        for minibatch in self.minibatches(out):
+            for idx in rank_micro_batches(minibatch, rank, world, micro_batch_size):
+                if idx is None:
+                    continue
+                rows = [minibatch[i] for i in idx]
+                mb = {k: v.to(device) for k, v in pad_samples(rows, ("input_ids", "loss_mask")).items()}
+                lp = masked_logprobs(model, mb["input_ids"], mb["attention_mask"], mb["loss_mask"]).float().cpu()
+                select = mb["loss_mask"][:, 1:].bool().cpu()
+                k = 0
+                for row, sel in zip(rows, select):
+                    n = int(sel.sum())
+                    old = np.zeros(len(row["input_ids"]), dtype=np.float32)
+                    old[1:][sel[: len(row["input_ids"]) - 1].numpy()] = lp[k:k + n].numpy()
+                    row["old_logprobs"] = old
+                    k += n
+        return out

@@ -5,7 +5,9 @@ LoRA, a frozen reference), wraps it with DeepSpeed (deepspeed_config.py, a ``tor
 object and a ``LambdaLR`` from ``task.lr_factor``) and then executes the commands the driver sends
 through the CommandChannel (runner.py) until ``stop``:
 
-    step        every rank reads the batch from the object store; per minibatch (one optimizer
+    step        every rank reads the batch from the object store; a task that recomputes π_old
+                (GRPO with several updates per step) first scores its rows under the current
+                weights; then per minibatch (one optimizer
                 step) it deals the length-sorted rows round-robin (rank::world), runs the same
                 number of micro-batches as every other rank (a zero-weight dummy pads a short
                 shard: ZeRO-2 reduces gradients in every backward), scales each micro-batch loss
@@ -21,7 +23,6 @@ ZeRO-3 (GPU) exports gather the partitioned parameters on every rank first.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import traceback
@@ -31,6 +32,7 @@ from typing import Any
 import ray
 
 from searche1_ray.config import Config
+from searche1_ray.training.tasks import rank_micro_batches
 
 READY = -1  # sequence number of the "worker is up" message
 
@@ -136,22 +138,23 @@ class _Worker:
         first: dict[str, float] = {}
         weight_total = first_weight = 0.0
         grad_norms, opt_steps = [], 0
-        t_fwd_bwd = t_optim = 0.0
+        t_fwd_bwd = t_optim = t_old = 0.0
+        if getattr(task, "recompute_old", False):  # pi_old = these weights, before any update
+            t0 = time.perf_counter()
+            batch = task.recompute_old_logprobs(self.module, batch, self.rank, self.world, micro_bs, self.device)
+            t_old = time.perf_counter() - t0
         for epoch in range(task.epochs):
             for mb_i, minibatch in enumerate(task.minibatches(batch)):
                 weights = [task.sample_weight(s) for s in minibatch]
                 total = sum(weights)
-                # deal length-sorted rows round-robin: ranks get similar work (they meet at every
-                # backward's gradient reduction) and micro-batches similar lengths (little padding)
-                by_len = sorted(range(len(minibatch)), key=lambda i: len(minibatch[i]["input_ids"]))
-                mine = by_len[self.rank::self.world]
-                micros: list[list[int] | None] = [mine[i:i + micro_bs] for i in range(0, len(mine), micro_bs)]
-                n_micro = math.ceil(math.ceil(len(minibatch) / self.world) / micro_bs)
-                micros += [None] * (n_micro - len(micros))  # zero-weight dummies keep ranks in step
+                # length-sorted rows dealt round-robin, the same number of micro-batches on every
+                # rank (None = a zero-weight dummy that keeps the ranks in step)
+                micros = rank_micro_batches(minibatch, self.rank, self.world, micro_bs)
+                n_micro = len(micros)
                 t0 = time.perf_counter()
                 for k, idx in enumerate(micros):
                     engine.set_gradient_accumulation_boundary(k == n_micro - 1)
-                    rows = [minibatch[by_len[0]]] if idx is None else [minibatch[i] for i in idx]
+                    rows = [minibatch[0]] if idx is None else [minibatch[i] for i in idx]
                     w = 0.0 if idx is None else sum(weights[i] for i in idx)
                     loss, m = task.loss(self.module, self._to_device(task.collate(rows)))
                     scale = (w / total * self.world) if total > 0 else 0.0
@@ -192,6 +195,7 @@ class _Worker:
         metrics["perf/train_peak_rss_gib"] = max(p[4] for p in parts)
         metrics["perf/train_fwd_bwd_s"] = t_fwd_bwd
         metrics["perf/train_optim_s"] = t_optim
+        metrics["perf/train_old_logprobs_s"] = t_old
         return metrics
 
     def _export(self) -> dict | None:

@@ -320,3 +320,57 @@ def test_lean_second_backward_raises_clearly():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="recompute the loss"):
         loss.backward()
+
+
+# ----------------------------------------------------------------- Eq. 7 per trajectory (seq_mean)
+
+
+def _ref_kl_seq(student_logits, teacher_logits, mask, tau):
+    """The paper's form, slowly: each row's mean over its masked positions, then the mean over
+    the rows that have any."""
+    rows = [_ref_kl(student_logits[i:i + 1], teacher_logits[i:i + 1], mask[i:i + 1], tau)
+            for i in range(student_logits.shape[0]) if mask[i].any()]
+    if not rows:
+        return torch.zeros((), dtype=student_logits.dtype)
+    return sum(rows) / len(rows)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([10.0, 0.05]), st.sampled_from([1, 2, 64]))
+def test_seq_mean_direct_and_lean_match_the_per_trajectory_loop(seed, tau, chunk):
+    hs, ht, w, _ = _inputs(seed, b=3, t=4)
+    g = torch.Generator().manual_seed(seed + 7)
+    mask = torch.rand(3, 4, generator=g) > 0.4
+    mask[seed % 3] = False                       # a row with no policy token is not counted
+    mask[(seed + 1) % 3, 0] = True               # at least one row has one
+    s_logits = (hs @ w.T).requires_grad_()
+    ref = _ref_kl_seq(s_logits, ht @ w.T, mask, tau)
+    loss = clipped_forward_kl(s_logits, ht @ w.T, mask, tau, agg="seq_mean")
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-10)
+    g_direct, = torch.autograd.grad(loss, s_logits)
+    g_ref, = torch.autograd.grad(ref, s_logits) if ref.requires_grad else (torch.zeros_like(s_logits),)
+    assert torch.allclose(g_direct, g_ref, atol=1e-10)
+    hs_l = hs.clone().requires_grad_()
+    w_l = w.clone().requires_grad_()
+    lean = clipped_forward_kl_lean(hs_l, ht, w_l, mask, tau, chunk_size=chunk, agg="seq_mean")
+    assert lean.item() == pytest.approx(ref.item(), abs=1e-10)
+    lean.backward()
+    hs_d = hs.clone().requires_grad_()
+    w_d = w.clone().requires_grad_()
+    clipped_forward_kl(hs_d @ w_d.T, ht @ w.T, mask, tau, agg="seq_mean").backward()
+    assert torch.allclose(hs_l.grad, hs_d.grad, atol=1e-10)
+    assert torch.allclose(w_l.grad, w_d.grad, atol=1e-10)
+
+
+def test_seq_mean_differs_from_token_mean_and_rejects_unknown_agg():
+    s = torch.zeros(2, 3, 4, dtype=torch.float64)
+    t = torch.zeros(2, 3, 4, dtype=torch.float64)
+    t[0, :, 0] = 5.0                              # only row 0 disagrees with the student
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    tok = clipped_forward_kl(s, t, mask, agg="token_mean")
+    seq = clipped_forward_kl(s, t, mask, agg="seq_mean")
+    kl_row0 = clipped_forward_kl(s[:1], t[:1], mask[:1])
+    assert tok.item() == pytest.approx(kl_row0.item() * 3 / 4)   # 3 of 4 tokens carry it
+    assert seq.item() == pytest.approx(kl_row0.item() / 2)       # 1 of 2 trajectories
+    with pytest.raises(ValueError, match="agg"):
+        clipped_forward_kl(s, t, mask, agg="sum")

@@ -194,7 +194,7 @@ def _pair(question="Who built the Iron Gate", refs=("<search> gate </search><ans
     mask = mask if mask is not None else [1] * response_len
     return {"question_id": "q7", "question": question, "prompt_ids": [7] * 12,
             "response_ids": list(range(100, 100 + response_len)), "loss_mask": mask,
-            "reference_texts": list(refs)}
+            "reference_texts": list(refs), "reference_responses": list(refs)}
 
 
 def test_make_sample_builds_the_teacher_prompt_from_the_template():
@@ -214,15 +214,75 @@ def test_make_sample_cuts_response_then_reference_to_fit():
     prompt_len = len(make_sample(_pair(response_len=1), tok, cfg)["teacher_prompt_ids"])
     s = make_sample(_pair(response_len=2000), tok, cfg)
     assert len(s["teacher_prompt_ids"]) == prompt_len
-    assert len(s["teacher_prompt_ids"]) + len(s["response_ids"]) == 900
-    assert s["response_ids"] == list(range(100, 100 + 900 - prompt_len))
-    # a reference too long for the budget is shortened, the response keeps >= 8 tokens
+    # the student input (trained through) fills max_seq_len; the response is cut to fit it
+    assert len(s["student_prompt_ids"]) + len(s["response_ids"]) == 900
+    assert s["response_ids"] == list(range(100, 100 + 900 - 12))
+    # a reference too long for the budget is shortened; the teacher input (no gradient) may run
+    # past max_seq_len, to 2x at most, so the whole response is kept
     s = make_sample(_pair(refs=("x" * 5000,), response_len=50), tok, cfg)
     assert len(s["teacher_prompt_ids"]) <= 900 - 8
-    assert 8 <= len(s["response_ids"]) and len(s["teacher_prompt_ids"]) + len(s["response_ids"]) <= 900
+    assert s["response_ids"] == list(range(100, 150))
     assert "x" * 100 in tok.decode(s["teacher_prompt_ids"])
+    s = make_sample(_pair(refs=("x" * 5000,), response_len=2000), tok, cfg)
+    assert len(s["teacher_prompt_ids"]) + len(s["response_ids"]) <= 2 * 900
+    assert len(s["student_prompt_ids"]) + len(s["response_ids"]) <= 900
     # nothing the policy wrote survives the cut -> no sample
     assert make_sample(_pair(response_len=2000, mask=[0] * 1000 + [1] * 1000), tok, cfg) is None
+
+
+def test_teacher_context_holds_the_whole_reference_information_included():
+    """Eq. 4: the teacher reads instruction ‖ question ‖ τ_ref whole, its <information> too
+    (opsd.teacher_reference: full, the default); policy_text leaves the retrieved blocks out."""
+    rows = [_row(0, 1.0, "<search> iron gate </search>" + INFO + "<answer> A </answer>", 1),
+            _row(1, 0.0, "<think>no idea</think><answer> B </answer>", 0)]
+    pair = mine_group(rows)
+    assert pair["status"] == "pair" and pair["reference_sample_idxs"] == [0]
+    assert "<information>" in pair["reference_responses"][0]
+    tok = CharTokenizer()
+    full_cfg = load_config(None, ["model.use_chat_template=false", "train.max_seq_len=2048"])
+    assert full_cfg.opsd.teacher_reference == "full"
+    teacher = tok.decode(make_sample(pair, tok, full_cfg)["teacher_prompt_ids"])
+    assert "<information>Doc 1(Title: X) a very long retrieved passage " + "z" * 200 + "</information>" in teacher
+    assert "<search> iron gate </search>" in teacher and "<answer> A </answer>" in teacher
+    lean_cfg = load_config(None, ["model.use_chat_template=false", "train.max_seq_len=2048",
+                                  "opsd.teacher_reference=policy_text"])
+    teacher = tok.decode(make_sample(pair, tok, lean_cfg)["teacher_prompt_ids"])
+    assert "Doc 1(Title: X)" not in teacher and "z" * 50 not in teacher
+    assert "<search> iron gate </search>" in teacher and "<answer> A </answer>" in teacher
+    # a prompt over budget is cut inside the retrieved text first: the search and answer stay
+    tight = load_config(None, ["model.use_chat_template=false", "train.max_seq_len=960"])
+    ids = make_sample(pair, tok, tight)["teacher_prompt_ids"]
+    teacher = tok.decode(ids)
+    assert len(ids) <= 960 - 8
+    assert "<information>Doc 1(Title: X) a very long" in teacher and " …</information>" in teacher
+    assert "z" * 200 not in teacher
+    assert "<search> iron gate </search>" in teacher and "<answer> A </answer>" in teacher
+    # pairs mined before the column existed: a clear error naming the way out
+    old = {k: v for k, v in pair.items() if k != "reference_responses"}
+    with pytest.raises(KeyError, match="teacher_reference=policy_text"):
+        make_sample(old, tok, full_cfg)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_opsd_loss_seq_mean_is_the_mean_of_per_trajectory_means(lean):
+    """Eq. 7 as the paper writes it: 1/|B| Σ_τ 1/|R_τ| Σ_{t∈R_τ} Σ_v min(…), against a loop."""
+    cfg = _cfg()
+    pm = _tiny_peft(cfg)
+    batch = collate_pairs(SAMPLES)
+    loss, _ = opsd_loss(pm, batch, tau_clip=10.0, lean=lean, agg="seq_mean")
+    per_traj = [_reference_loss(pm, [s], 10.0) for s in SAMPLES]
+    assert float(loss.detach()) == pytest.approx(sum(per_traj) / len(per_traj), rel=1e-4)  # float32 model
+    # SAMPLES have 3 and 1 policy tokens: the token mean weighs the first 3:1, so they differ
+    tok, _ = opsd_loss(pm, batch, tau_clip=10.0, lean=lean, agg="token_mean")
+    assert float(tok.detach()) == pytest.approx(_reference_loss(pm, SAMPLES, 10.0), rel=1e-4)
+    assert abs(float(tok.detach()) - float(loss.detach())) > 1e-3 * float(tok.detach())
+
+
+def test_opsd_task_weighs_trajectories_by_the_loss_agg():
+    s = {"loss_mask": [1, 1, 0, 1], "input_ids": [0] * 4}
+    assert OPSDTask(_cfg()).sample_weight(s) == 1.0                      # seq_mean: the paper
+    assert OPSDTask(_cfg(loss_agg="token_mean")).sample_weight(s) == 3.0
+    assert OPSDTask(_cfg()).sample_weight({"loss_mask": [0, 0], "input_ids": [0, 0]}) == 0.0
 
 
 def test_teacher_message_numbers_several_references_and_names_bad_placeholders():

@@ -14,7 +14,7 @@ from searche1_ray.config import load_config
 from searche1_ray.pipelines import grpo_sample, sft_sample, with_group_advantages
 from searche1_ray.training.deepspeed_config import deepspeed_config
 from searche1_ray.training.tasks import (GRPOTask, SFTTask, TrainTask, causal_logprobs, full_state_dict,
-                                         masked_logprobs, pad_samples)
+                                         masked_logprobs, pad_samples, rank_micro_batches)
 
 
 def _row(qid, idx, reward, prompt, resp, mask, lps):
@@ -227,6 +227,87 @@ def test_grpo_reference_kl_and_logprob_gap():
     gaps = [abs(lp[0][0] + 1.0), abs(lp[0][1] + 2.0), abs(lp[1][0] + 3.0)]
     assert m["grpo/logprob_gap"] == pytest.approx(sum(gaps) / 3, rel=1e-4)
     assert m["grpo/kl"] > 0
+
+
+def test_grpo_mini_batches_updates_per_step_and_warmup_ratio():
+    """Search-R1's shape: 512 prompts x G=5 = 2,560 sequences, mini-batch 256 -> 10 updates per
+    step; 1 epoch; warm-up over 0.285 of the round's updates; more than one update -> recompute."""
+    cfg = load_config(None, ["grpo.questions_per_step=512", "rollout.group_size=5", "grpo.mini_batch_size=256",
+                             "grpo.steps_per_round=1005", "grpo.warmup_ratio=0.285", "grpo.weight_decay=0.01"])
+    task = GRPOTask(cfg)
+    batch = [{"input_ids": [0] * 3, "loss_mask": [0, 1, 1]} for _ in range(2560)]
+    assert [len(m) for m in task.minibatches(batch)] == [256] * 10
+    assert task.updates_per_step(2560) == 10
+    assert task.warmup_steps == math.ceil(0.285 * 1005 * 10)
+    assert task.weight_decay == 0.01 and task.recompute_old
+    assert "engine_logprobs" in task.collate_keys
+    # a short step (groups with equal rewards dropped) still splits, the last minibatch short
+    assert [len(m) for m in task.minibatches(batch[:600])] == [256, 256, 88]
+    two = GRPOTask(load_config(None, ["grpo.questions_per_step=4", "grpo.mini_batch_size=8", "grpo.ppo_epochs=2"]))
+    assert two.updates_per_step(20) == 2 * 3
+    # one update per step: the engine's log-probs are pi_old (no extra forward), unless asked
+    one = load_config(None, ["grpo.questions_per_step=4"])
+    assert not GRPOTask(one).recompute_old and GRPOTask(one).updates_per_step(20) == 1
+    assert GRPOTask(load_config(None, ["grpo.old_logprobs=recompute"])).recompute_old
+    assert not GRPOTask(load_config(None, ["grpo.mini_batch_size=8", "grpo.old_logprobs=engine"])).recompute_old
+
+
+@pytest.mark.parametrize("n,world,micro", [(7, 2, 2), (5, 1, 2), (3, 2, 4), (8, 2, 1)])
+def test_rank_micro_batches_cover_each_row_once_in_equal_counts(n, world, micro):
+    mb = [{"input_ids": [0] * (1 + (i * 5) % 7)} for i in range(n)]
+    plans = [rank_micro_batches(mb, r, world, micro) for r in range(world)]
+    assert len({len(p) for p in plans}) == 1                      # every rank runs as many
+    seen = sorted(i for p in plans for m in p if m is not None for i in m)
+    assert seen == list(range(n))
+    assert all(len(m) <= micro for p in plans for m in p if m is not None)
+
+
+class _TinyLlama:
+    @staticmethod
+    def make(seed=0):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2,
+                                            num_key_value_heads=1))
+
+
+def test_recomputed_old_logprobs_give_ratio_one_on_the_first_minibatch():
+    """pi_old = the weights that generated the batch: after recompute_old_logprobs the first
+    minibatch is exactly on-policy (ratio 1) while the engine gap is still reported; after one
+    update the second minibatch's ratio moves off 1 (pi_old stayed the pre-update policy)."""
+    cfg = load_config(None, ["grpo.kl_coef=0.0", "grpo.mini_batch_size=4", "grpo.questions_per_step=2",
+                             "rollout.group_size=4", "train.micro_batch_size=2"])
+    model = _TinyLlama.make()
+    task = GRPOTask(cfg)
+    assert task.recompute_old
+    rng = np.random.default_rng(0)
+    rows = []
+    for q in range(2):
+        for i in range(4):
+            n = int(rng.integers(2, 6))
+            rows.append(_row(f"q{q}", i, float(i % 2), [1, 2, 3], rng.integers(4, 31, n).tolist(),
+                             [1] * n, (-2.0 + 0.1 * rng.random(n)).tolist()))  # "engine" log-probs
+    samples = [grpo_sample(r, 64) for r in with_group_advantages(rows)]
+    batch = task.recompute_old_logprobs(model, samples, rank=0, world=1, micro_batch_size=2)
+    assert all("engine_logprobs" in s for s in batch) and "engine_logprobs" not in samples[0]
+    first, second = task.minibatches(batch)
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    gaps = []
+    for idx in rank_micro_batches(first, 0, 1, 2):
+        loss, m = task.loss(model, pad_samples([first[i] for i in idx], task.collate_keys))
+        assert m["grpo/ratio_dev"] < 1e-6 and m["grpo/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+        gaps.append(m["grpo/logprob_gap"])
+        loss.backward()
+    assert min(gaps) > 0.1     # trainer vs the (made-up) engine log-probs: still measured
+    opt.step()
+    _, m = task.loss(model, pad_samples(second, task.collate_keys))
+    assert m["grpo/ratio_dev"] > 1e-4
+    # the engine's log-probs as pi_old: ratio off 1 from the start
+    eng = GRPOTask(load_config(None, ["grpo.kl_coef=0.0", "grpo.old_logprobs=engine"]))
+    _, m = eng.loss(_TinyLlama.make(), pad_samples(samples[:2], eng.collate_keys))
+    assert m["grpo/ratio_dev"] > 0.1
 
 
 def test_full_state_dict_drops_tied_and_casts():

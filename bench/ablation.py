@@ -1,0 +1,439 @@
+"""The Search-E1 ablation at testbed scale: does OPSD add on top of GRPO? Paired, over several draws.
+
+    python -m bench.ablation                    # 3 draws (about 2-2.5 h on 2 cores; resumable)
+    python -m bench.ablation --draws 1          # a quick look (under an hour once warm-started)
+    python -m bench.ablation --set opsd.lr=3e-4 --name ablation-lr3e-4
+
+From one cached warm start (SFT on oracle trajectories, as bench/grpo_learning.py; cached under
+~/.cache/searche1_ray/warmstart/<hash of its settings>), per draw d (a sample seed: which training
+questions each step draws, the rollouts' sampling seeds, which questions feed the OPSD pool):
+
+    G     the warm start + --grpo-steps GRPO steps                       (searche1_ray/grpo_round.py)
+    G+O   G's final policy + one OPSD round: K rollouts of --opsd-questions training questions,
+          pairs mined, LoRA self-distillation, the best-validation-EM checkpoint kept
+          (validation = the first --dev dev questions; training/opsd_round.py)
+    G+G   G's final policy + as many more GRPO steps as the OPSD pool has rollouts
+          (equal rollout budget: ceil(opsd questions x K / (questions per step x G)))
+
+Every arm and the warm start are scored greedily on the same --eval held-out test questions
+(never trained on, never validated on), per question type and overall. The report (printed and
+written to runs/<name>/ablation.md with ablation.png) has: a table like the paper's Table 1
+(rows: warm start, G, G+O, G+G; columns: the question types, their unweighted average; mean ±
+sd over draws), and per comparison the wrong→right / right→wrong counts pooled over draws with
+an exact two-sided sign test (searche1_ray/paired.py), the OPSD diagnostics (pairs per type, KL
+first → last step, clip fraction, kept step, greedy answers changed) and the wall-clock of each arm.
+The last three lines are the means over draws, in EM points:
+
+    grpo_gain=<G − warm start>  opsd_gain_over_grpo=<G+O − G>  opsd_vs_more_grpo=<G+O − G+G>
+
+Resumable per arm: an arm whose ``arm.json`` exists is read back, an unfinished one is rerun
+from its start (a crash costs one arm). Step counts are fixed, never cut by a wall-clock budget.
+
+What each lever did (record here; EM points on the --eval questions):
+  - 2026-12-06, defaults (see ABLATION_OVERRIDES): see the closing notes / ablation.md of that day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from searche1_ray.paired import em_by_type, paired_changes, pooled, question_types  # noqa: E402
+
+log = logging.getLogger("searche1.bench.ablation")
+
+ABLATION_OVERRIDES = [
+    "run.name=ablation",
+    "run.dashboard=false",
+    # 2,000 questions: test split 400 (the --eval questions), dev 200 (OPSD validation), train 1,400
+    "data.world.num_questions=2000",
+    # the warm start of bench/grpo_learning.py: 300 oracle trajectories, lr 1e-4, batch 8, 1 epoch
+    "warmstart.num_examples=300", "warmstart.lr=1e-4", "warmstart.batch_size=8", "warmstart.epochs=1",
+    # GRPO as the grpo_learning bench found it learns at this scale: lr 3e-5, 8 questions per step
+    # drawn evenly from the 4 types (smoke.yaml's stratify_by), G = 5, T = 0.7, no KL, groups with
+    # equal rewards left out (they carry no policy gradient)
+    "grpo.lr=3e-5", "grpo.questions_per_step=8", "grpo.kl_coef=0.0", "grpo.warmup_steps=0",
+    "rollout.group_size=5", "rollout.temperature=0.7",
+    "rollout.questions_per_batch=64",    # greedy evaluation: 64 sequences in flight, not 16
+    "train.micro_batch_size=2",
+    # OPSD: K = 5 rollouts of 32 questions (= 4 GRPO steps of rollouts), 8 LoRA steps of 8 pairs,
+    # validation at steps 0, 4, 8 on the --dev questions
+    "opsd.samples_per_question=5", "opsd.questions_per_round=32", "opsd.steps=8", "opsd.batch_size=8",
+    "opsd.eval_every=4", "opsd.lr=1e-4", "opsd.lora_r=16", "opsd.lora_alpha=32",
+]
+
+ARMS = ("G", "G+O", "G+G")
+ROWS = ("warm start", "G", "G+O", "G+G")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "smoke.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (after the bench's own settings)")
+    p.add_argument("--name", help="run name (default 'ablation'): results in runs/<name>/")
+    p.add_argument("--draws", type=int, default=3, help="sample seeds 0..draws-1 (default 3)")
+    p.add_argument("--grpo-steps", type=int, default=8, help="GRPO steps of arm G (default 8)")
+    p.add_argument("--eval", type=int, default=300, help="held-out test questions scored (default 300)")
+    p.add_argument("--dev", type=int, default=100, help="dev questions for OPSD's validation (default 100)")
+    p.add_argument("--warmstart-dir", help="start from this policy folder instead of the cached warm start")
+    p.add_argument("--report-only", action="store_true", help="rebuild ablation.md from finished arms")
+    args = p.parse_args(argv)
+    for name in ("draws", "grpo_steps", "eval", "dev"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(path), columns=["question_id", "em", "answer", "num_searches"]).to_pylist()
+
+
+class Ablation:
+    """The arms of one ablation run over a shared pool, retriever and warm start."""
+
+    def __init__(self, args, cfg, out: Path, train, dev, test, pool, warm: str):
+        self.args, self.cfg, self.out = args, cfg, out
+        self.train, self.dev, self.test = train, dev, test
+        self.pool, self.warm = pool, warm
+        self.version = 0
+
+    def _serve(self, policy: str) -> None:
+        self.version += 1
+        self.pool.update_weights(policy, self.version)
+
+    def _eval(self, arm_dir: Path, label: str) -> dict:
+        from searche1_ray.evaluation import evaluate_split
+
+        r = evaluate_split(self.pool, self.test, arm_dir / "eval.parquet", temperature=0.0, batch_size=64,
+                           desc=f"test EM {label}")
+        log.info("%s: test EM %.3f on %d questions (%.0f s)", label, r["em"], r["n"], r["seconds"])
+        return r
+
+    def _draw_cfg(self, d: int):
+        from searche1_ray.config import load_config
+
+        return load_config(self.args.config, ABLATION_OVERRIDES + list(self.args.overrides)
+                           + ([f"run.name={self.args.name}"] if self.args.name else []) + [f"run.seed={d}"])
+
+    def _grpo(self, cfg, start: str, arm_dir: Path, steps: int, first_step: int, d: int) -> dict:
+        """``steps`` GRPO steps from ``start``; the policy saved to ``arm_dir/policy``."""
+        from searche1_ray.data.sampling import step_questions
+        from searche1_ray.grpo_round import grpo_step
+        from searche1_ray.training.runner import TrainRunner
+        from searche1_ray.training.tasks import GRPOTask
+
+        self._serve(start)
+        history = []
+        runner = TrainRunner(cfg, start, GRPOTask(cfg), arm_dir / "train")
+        try:
+            for k in range(first_step, first_step + steps):
+                qs = step_questions(self.train, cfg.grpo.questions_per_step, f"{d}-ablation-grpo-{k}",
+                                    cfg.grpo.stratify_by)
+                self.version += 1
+                m = grpo_step(cfg, self.pool, runner, None, qs, arm_dir / "rollouts" / f"step{k:04d}.parquet",
+                              version=self.version, seed=zlib.crc32(f"{d}-{k}".encode()))
+                history.append({"step": k, **{key: v for key, v in m.items() if isinstance(v, (int, float))}})
+                log.info("draw %d GRPO step %d: reward %.3f (signal in %.0f%% of groups), %.0f s "
+                         "(rollout %.0f, train %.0f)", d, k + 1, m["rollout/reward_mean"],
+                         100 * m["rollout/groups_with_signal"], m["perf/step_s"], m["perf/rollout_s"],
+                         m.get("perf/train_s", 0.0))
+            runner.save_checkpoint(str(arm_dir / "policy"))
+        finally:
+            runner.stop()
+        return {"grpo_history": history, "rollouts": sum(int(h["rollout/trajectories"]) for h in history)}
+
+    def arm(self, d: int, name: str) -> dict:
+        """Run (or read back) arm ``name`` of draw ``d``."""
+        arm_dir = self.out / f"draw{d}" / name.replace("+", "p")
+        done = arm_dir / "arm.json"
+        if done.is_file():
+            log.info("draw %d %s: done already (%s)", d, name, done)
+            return json.loads(done.read_text())
+        if arm_dir.exists():  # a crashed attempt: start the arm over
+            shutil.rmtree(arm_dir)
+        arm_dir.mkdir(parents=True)
+        cfg = self._draw_cfg(d)
+        # policy versions (and with them the OPSD question sample) depend only on (draw, arm), so a
+        # resumed arm repeats exactly what an uninterrupted run would have done
+        self.version = 10_000 * (d + 1) + 1_000 * ARMS.index(name)
+        g_policy = str(self.out / f"draw{d}" / "G" / "policy")
+        t0 = time.time()
+        if name == "G":
+            rec = self._grpo(cfg, self.warm, arm_dir, self.args.grpo_steps, 0, d)
+        elif name == "G+O":
+            rec = self._opsd(cfg, g_policy, arm_dir, d)
+        else:
+            o = cfg.opsd
+            steps = math.ceil(o.questions_per_round * o.samples_per_question
+                              / (cfg.grpo.questions_per_step * cfg.rollout.group_size))
+            rec = self._grpo(cfg, g_policy, arm_dir, steps, self.args.grpo_steps, d)
+        train_s = time.time() - t0
+        policy = rec.pop("policy", str(arm_dir / "policy"))
+        self._serve(policy)
+        r = self._eval(arm_dir, f"draw {d} {name}")
+        rec.update({"arm": name, "draw": d, "policy": policy, "train_s": train_s, "eval_s": r["seconds"],
+                    "em": r["em"], "num_searches": r["num_searches"], "answered": r["answered"]})
+        _atomic_json(done, rec)
+        return rec
+
+    def _opsd(self, cfg, g_policy: str, arm_dir: Path, d: int) -> dict:
+        import pyarrow.parquet as pq
+
+        from searche1_ray.training.opsd_round import run_opsd_round
+
+        self._serve(g_policy)
+        policy, m = run_opsd_round(cfg, self.pool, g_policy, self.train, self.dev, arm_dir / "opsd",
+                                   version=self.version, progress=False)
+        types = question_types(self.train)
+        by_type: dict[str, dict[str, int]] = {}
+        pairs_path = arm_dir / "opsd" / "pairs.parquet"
+        if pairs_path.is_file():
+            for r in pq.read_table(str(pairs_path), columns=["question_id", "status", "student_kind"]).to_pylist():
+                t = by_type.setdefault(types.get(str(r["question_id"]), "all"),
+                                       {"questions": 0, "pairs": 0, "incorrect_student": 0})
+                t["questions"] += 1
+                if r["status"] == "pair":
+                    t["pairs"] += 1
+                    t["incorrect_student"] += r["student_kind"] == "incorrect"
+        keep = ("opsd/pairs", "opsd/samples", "opsd/dropped_no_correct", "opsd/incorrect_student",
+                "opsd/correct_fallback", "opsd/kl_first", "opsd/kl_last", "opsd/clip_frac", "opsd/best_step",
+                "eval/em", "eval/em_start", "rollout/reward_mean", "perf/opsd_rollout_s", "perf/opsd_train_s",
+                "perf/opsd_eval_s")
+        return {"policy": policy, "opsd": {k: m.get(k) for k in keep}, "opsd_evals": m.get("opsd/evals", []),
+                "opsd_history": [{k: v for k, v in h.items() if isinstance(v, (int, float))}
+                                 for h in m.get("opsd/history", [])],
+                "pairs_by_type": dict(sorted(by_type.items())),
+                "rollouts": int(cfg.opsd.questions_per_round * cfg.opsd.samples_per_question)}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _mean_sd(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f}"
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+
+
+def build_report(out: Path, test: list[dict], draws: list[int]) -> tuple[list[str], dict[str, float]]:
+    """Markdown lines of the ablation report and the three headline figures (EM points)."""
+    types = question_types(test)
+    warm_rows = _read_rows(out / "warm" / "eval.parquet")
+    rows_of: dict[tuple[int, str], list[dict]] = {}
+    recs: dict[tuple[int, str], dict] = {}
+    for d in draws:
+        for a in ARMS:
+            arm_dir = out / f"draw{d}" / a.replace("+", "p")
+            if (arm_dir / "arm.json").is_file():
+                recs[(d, a)] = json.loads((arm_dir / "arm.json").read_text())
+                rows_of[(d, a)] = _read_rows(arm_dir / "eval.parquet")
+    kinds = sorted({t for t in types.values()})
+    cols = kinds + ["avg"]
+    table: dict[str, dict[str, list[float]]] = {r: {c: [] for c in cols + ["overall"]} for r in ROWS}
+    warm_em = em_by_type(warm_rows, types)
+    for d in draws:
+        for c in cols + ["overall"]:
+            table["warm start"][c].append(warm_em.get(c, float("nan")))
+        for a in ARMS:
+            if (d, a) in rows_of:
+                em = em_by_type(rows_of[(d, a)], types)
+                for c in cols + ["overall"]:
+                    table[a][c].append(em.get(c, float("nan")))
+    n_test = len(warm_rows)
+    lines = [f"# Search-E1 ablation on the CPU testbed ({len(draws)} draw(s), {n_test} held-out test questions)", "",
+             "Greedy EM (%) per question type; avg = the unweighted mean over the types; mean ± sd over draws.", "",
+             "| policy | " + " | ".join(cols) + " | overall |", "|---|" + "---:|" * (len(cols) + 1)]
+    for r in ROWS:
+        lines.append(f"| {r} | " + " | ".join(_mean_sd(table[r][c]) for c in cols + ["overall"]) + " |")
+
+    comparisons = [("G", "warm start"), ("G+O", "G"), ("G+G", "G"), ("G+O", "G+G")]
+    lines += ["", "Paired changes on the same questions, pooled over draws (exact two-sided sign test):", "",
+              "| comparison | wrong→right | right→wrong | p | per type (up/down) |", "|---|---:|---:|---:|---|"]
+    for after, before in comparisons:
+        per_draw = []
+        for d in draws:
+            b = warm_rows if before == "warm start" else rows_of.get((d, before))
+            a = rows_of.get((d, after))
+            if a is not None and b is not None:
+                per_draw.append(paired_changes(b, a, types))
+        if not per_draw:
+            continue
+        p = pooled(per_draw)
+        bt = {}
+        for c in per_draw:
+            for k, v in c["by_type"].items():
+                bt.setdefault(k, [0, 0])
+                bt[k][0] += v["up"]
+                bt[k][1] += v["down"]
+        lines.append(f"| {after} vs {before} | {p['up']} | {p['down']} | {p['p']:.3g} | "
+                     + ", ".join(f"{k} {u}/{dn}" for k, (u, dn) in sorted(bt.items())) + " |")
+
+    lines += ["", "Per draw: EM (%) overall, wall-clock (train + eval), rollouts:", "",
+              "| draw | arm | EM | searches | train s | eval s | rollouts |", "|---|---|---:|---:|---:|---:|---:|"]
+    for d in draws:
+        for a in ARMS:
+            rec = recs.get((d, a))
+            if rec:
+                lines.append(f"| {d} | {a} | {100 * rec['em']:.1f} | {rec['num_searches']:.2f} | "
+                             f"{rec['train_s']:.0f} | {rec['eval_s']:.0f} | {rec.get('rollouts', 0)} |")
+
+    lines += ["", "OPSD diagnostics per draw:", ""]
+    for d in draws:
+        rec = recs.get((d, "G+O"))
+        if not rec:
+            continue
+        o = rec["opsd"]
+        changed = "–"
+        if (d, "G") in rows_of:
+            g = {r["question_id"]: r["answer"] for r in rows_of[(d, "G")]}
+            changed = str(sum(1 for r in rows_of[(d, "G+O")] if g.get(r["question_id"]) != r["answer"]))
+        lines.append(f"- draw {d}: {o.get('opsd/pairs')} pairs ({o.get('opsd/incorrect_student')} with an incorrect "
+                     f"student, {o.get('opsd/correct_fallback')} correct fallbacks; {o.get('opsd/dropped_no_correct')} "
+                     f"questions without a correct rollout; pool reward {o.get('rollout/reward_mean', 0):.3f}); "
+                     f"KL {o.get('opsd/kl_first', 0):.4f} → {o.get('opsd/kl_last', 0):.4f}, clip fraction "
+                     f"{o.get('opsd/clip_frac', 0):.2e}; dev EM by step "
+                     f"{[(e['step'], round(e['em'], 3)) for e in rec.get('opsd_evals', [])]}, kept step "
+                     f"{o.get('opsd/best_step')}; greedy test answers changed vs G: {changed}")
+        lines.append("  pairs per type: " + ", ".join(f"{k} {v['pairs']}/{v['questions']}"
+                                                        for k, v in rec.get("pairs_by_type", {}).items()))
+
+    def mean_gap(a: str, b: str) -> float:
+        gaps = [100 * (x - y) for x, y in zip(table[a]["avg"], table[b]["avg"]) if x == x and y == y]
+        return statistics.mean(gaps) if gaps and len(table[a]["avg"]) == len(table[b]["avg"]) else float("nan")
+
+    figures = {"grpo_gain": mean_gap("G", "warm start"), "opsd_gain_over_grpo": mean_gap("G+O", "G"),
+               "opsd_vs_more_grpo": mean_gap("G+O", "G+G")}
+    lines += ["", "Means over draws of the type-averaged EM, in points: "
+              + ", ".join(f"{k} {v:+.1f}" for k, v in figures.items()), ""]
+    _plot(out / "ablation.png", table, cols)
+    lines.append("![EM per question type](ablation.png)")
+    return lines, figures
+
+
+def _plot(path: Path, table: dict, cols: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(ROWS)
+    for i, r in enumerate(ROWS):
+        means = [100 * statistics.mean(v) if (v := [x for x in table[r][c] if x == x]) else 0.0 for c in cols]
+        sds = [100 * statistics.stdev(v) if len(v := [x for x in table[r][c] if x == x]) > 1 else 0.0 for c in cols]
+        ax.bar([j + (i - (len(ROWS) - 1) / 2) * width for j in range(len(cols))], means, width, yerr=sds,
+               label=r, capsize=3)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_ylabel("greedy EM on held-out test questions (%)")
+    ax.set_title("Search-E1 ablation (mean ± sd over draws)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    from searche1_ray.config import load_config
+    from searche1_ray.data.prepare import prepare_data
+    from searche1_ray.data.readers import read_qa
+
+    cfg = load_config(args.config, ABLATION_OVERRIDES + list(args.overrides)
+                      + ([f"run.name={args.name}"] if args.name else []))
+    out = cfg.run_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg)
+    train, dev, test = read_qa(data.train), read_qa(data.dev)[: args.dev], read_qa(data.test)
+    if len(test) < args.eval:
+        raise SystemExit(f"bench.ablation: --eval {args.eval} but the test split has {len(test)} questions "
+                         f"(raise data.world.num_questions)")
+    test = test[: args.eval]
+    draws = list(range(args.draws))
+    if args.report_only:
+        return _finish(out, test, draws)
+
+    import ray
+    from ray import serve
+
+    from actors.retriever import default_index_dir, start_retriever
+    from bench.grpo_learning import warm_policy
+    from jobs._cli import init_ray
+    from searche1_ray.model_store import resolve_model
+
+    t_all = time.time()
+    base = resolve_model(cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
+    init_ray(cfg, None)
+    pool = None
+    try:
+        if args.warmstart_dir:
+            warm, ws_s = str(Path(args.warmstart_dir).expanduser().resolve()), 0.0
+        else:
+            warm, ws_s = warm_policy(cfg, base, data)
+        from actors.rollout_worker import RolloutPool
+
+        retriever, _ = start_retriever(cfg, str(data.corpus), str(default_index_dir(cfg, data.dir)))
+        pool = RolloutPool(cfg, warm, retriever)
+        ab = Ablation(args, cfg, out, train, dev, test, pool, warm)
+        warm_dir = out / "warm"
+        if not (warm_dir / "arm.json").is_file():
+            warm_dir.mkdir(parents=True, exist_ok=True)
+            r = ab._eval(warm_dir, "warm start")
+            _atomic_json(warm_dir / "arm.json", {"arm": "warm start", "policy": warm, "train_s": ws_s,
+                                                 "eval_s": r["seconds"], "em": r["em"]})
+        for d in draws:
+            for a in ARMS:
+                ab.arm(d, a)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    log.info("ablation finished in %.1f min", (time.time() - t_all) / 60)
+    return _finish(out, test, draws)
+
+
+def _finish(out: Path, test: list[dict], draws: list[int]) -> int:
+    lines, figures = build_report(out, test, draws)
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"report: {out / 'ablation.md'}")
+    for k, v in figures.items():
+        print(f"{k}={v:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
