@@ -94,7 +94,10 @@ class RolloutWorker:
         if ve.is_cpu_build() and cpus:
             self._bind(cpus)
         self.model_path = model_path
-        self.llm = ve.build_llm(r, model_path, dtype=self.cfg.model.dtype, seed=self.cfg.run.seed,
+        from searche1_ray.hardware import resolve_dtype
+
+        self.llm = ve.build_llm(r, model_path, dtype=resolve_dtype(self.cfg.model.dtype, r.num_gpus_per_worker > 0),
+                                seed=self.cfg.run.seed,
                                 extra=engine_options)
         self.tokenizer = self.llm.get_tokenizer()
         self._generate = ve.vllm_generate_fn(self.llm)

@@ -26,8 +26,10 @@ The last three lines are the means over draws, in EM points:
 
     grpo_gain=<G − warm start>  opsd_gain_over_grpo=<G+O − G>  opsd_vs_more_grpo=<G+O − G+G>
 
-Resumable per arm: an arm whose ``arm.json`` exists is read back, an unfinished one is rerun
-from its start (a crash costs one arm). Step counts are fixed, never cut by a wall-clock budget.
+Resumable per arm: an arm lives in runs/<name>/draw<d>/<arm>-<hash of the settings it depends
+on>; one whose ``arm.json`` exists is read back, an unfinished one is rerun from its start (a
+crash costs one arm). A sweep of an OPSD lever (``--set opsd.lr=…``) therefore reruns only G+O
+and reuses the draws' G and G+G. Step counts are fixed, never cut by a wall-clock budget.
 
 What each lever did (record here; EM points on the --eval questions):
   - 2026-12-06, defaults (see ABLATION_OVERRIDES): see the closing notes / ablation.md of that day.
@@ -106,10 +108,46 @@ def _atomic_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def arm_key(cfg, args, name: str) -> str:
+    """A short hash of the settings arm ``name`` depends on: an arm folder is reused only by a
+    run with the same settings, so a sweep of an OPSD lever (``--set opsd.lr=…``) reruns G+O
+    alone and shares the draws' G (and G+G) with earlier runs."""
+    import hashlib
+
+    d = cfg.to_dict()
+    base = {k: d[k] for k in ("model", "data", "retriever", "rollout", "train", "warmstart", "grpo")}
+    base.update(seed=d["run"]["seed"], grpo_steps=args.grpo_steps, warm=args.warmstart_dir or "", version=1)
+    if name == "warm start":
+        blob: dict = {k: base[k] for k in ("model", "data", "warmstart", "warm")}
+    elif name == "G":
+        blob = base
+    elif name == "G+O":
+        blob = {**base, "opsd": d["opsd"], "dev": args.dev}
+    else:
+        blob = {**base, "budget": [d["opsd"]["questions_per_round"], d["opsd"]["samples_per_question"]]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def arm_dir(out: Path, cfg, args, d: int | None, name: str) -> Path:
+    """``runs/<name>/warm-<key>`` or ``runs/<name>/draw<d>/<arm>-<key>``."""
+    slug = {"warm start": "warm", "G": "G", "G+O": "GpO", "G+G": "GpG"}[name]
+    where = out if d is None else out / f"draw{d}"
+    return where / f"{slug}-{arm_key(cfg, args, name)}"
+
+
 def _read_rows(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(str(path), columns=["question_id", "em", "answer", "num_searches"]).to_pylist()
+
+
+def _draw_cfg(args, d: int | None = None):
+    """The bench's config (run.seed = the draw's sample seed when ``d`` is given)."""
+    from searche1_ray.config import load_config
+
+    return load_config(args.config, ABLATION_OVERRIDES + list(args.overrides)
+                       + ([f"run.name={args.name}"] if args.name else [])
+                       + ([f"run.seed={d}"] if d is not None else []))
 
 
 class Ablation:
@@ -134,10 +172,7 @@ class Ablation:
         return r
 
     def _draw_cfg(self, d: int):
-        from searche1_ray.config import load_config
-
-        return load_config(self.args.config, ABLATION_OVERRIDES + list(self.args.overrides)
-                           + ([f"run.name={self.args.name}"] if self.args.name else []) + [f"run.seed={d}"])
+        return _draw_cfg(self.args, d)
 
     def _grpo(self, cfg, start: str, arm_dir: Path, steps: int, first_step: int, d: int) -> dict:
         """``steps`` GRPO steps from ``start``; the policy saved to ``arm_dir/policy``."""
@@ -166,37 +201,62 @@ class Ablation:
             runner.stop()
         return {"grpo_history": history, "rollouts": sum(int(h["rollout/trajectories"]) for h in history)}
 
+    def warm_arm(self) -> dict:
+        """The warm start's test evaluation (shared by every draw)."""
+        where = arm_dir(self.out, self.cfg, self.args, None, "warm start")
+        done = where / "arm.json"
+        if done.is_file() and json.loads(done.read_text()).get("n") == len(self.test):
+            return json.loads(done.read_text())
+        where.mkdir(parents=True, exist_ok=True)
+        self.version = 1
+        self._serve(self.warm)
+        r = self._eval(where, "warm start")
+        rec = {"arm": "warm start", "policy": self.warm, "eval_s": r["seconds"], "em": r["em"], "n": r["n"]}
+        _atomic_json(done, rec)
+        return rec
+
     def arm(self, d: int, name: str) -> dict:
         """Run (or read back) arm ``name`` of draw ``d``."""
-        arm_dir = self.out / f"draw{d}" / name.replace("+", "p")
-        done = arm_dir / "arm.json"
-        if done.is_file():
-            log.info("draw %d %s: done already (%s)", d, name, done)
-            return json.loads(done.read_text())
-        if arm_dir.exists():  # a crashed attempt: start the arm over
-            shutil.rmtree(arm_dir)
-        arm_dir.mkdir(parents=True)
         cfg = self._draw_cfg(d)
+        where = arm_dir(self.out, cfg, self.args, d, name)
+        done = where / "arm.json"
         # policy versions (and with them the OPSD question sample) depend only on (draw, arm), so a
         # resumed arm repeats exactly what an uninterrupted run would have done
         self.version = 10_000 * (d + 1) + 1_000 * ARMS.index(name)
-        g_policy = str(self.out / f"draw{d}" / "G" / "policy")
+        if done.is_file():
+            rec = json.loads(done.read_text())
+            if rec.get("n") == len(self.test):
+                log.info("draw %d %s: done already (%s)", d, name, done)
+                return rec
+            log.info("draw %d %s: trained already; evaluating on %d test questions", d, name, len(self.test))
+            self._serve(rec["policy"])
+            r = self._eval(where, f"draw {d} {name}")
+            rec.update(eval_s=r["seconds"], em=r["em"], num_searches=r["num_searches"], answered=r["answered"],
+                       n=r["n"])
+            _atomic_json(done, rec)
+            return rec
+        if where.exists():  # a crashed attempt: start the arm over
+            shutil.rmtree(where)
+        where.mkdir(parents=True)
+        arm_dir_ = where
+        g_policy = str(arm_dir(self.out, cfg, self.args, d, "G") / "policy")
         t0 = time.time()
         if name == "G":
-            rec = self._grpo(cfg, self.warm, arm_dir, self.args.grpo_steps, 0, d)
+            rec = self._grpo(cfg, self.warm, arm_dir_, self.args.grpo_steps, 0, d)
         elif name == "G+O":
-            rec = self._opsd(cfg, g_policy, arm_dir, d)
+            rec = self._opsd(cfg, g_policy, arm_dir_, d)
         else:
             o = cfg.opsd
             steps = math.ceil(o.questions_per_round * o.samples_per_question
                               / (cfg.grpo.questions_per_step * cfg.rollout.group_size))
-            rec = self._grpo(cfg, g_policy, arm_dir, steps, self.args.grpo_steps, d)
+            rec = self._grpo(cfg, g_policy, arm_dir_, steps, self.args.grpo_steps, d)
         train_s = time.time() - t0
-        policy = rec.pop("policy", str(arm_dir / "policy"))
+        policy = rec.pop("policy", str(arm_dir_ / "policy"))
         self._serve(policy)
-        r = self._eval(arm_dir, f"draw {d} {name}")
+        r = self._eval(arm_dir_, f"draw {d} {name}")
         rec.update({"arm": name, "draw": d, "policy": policy, "train_s": train_s, "eval_s": r["seconds"],
-                    "em": r["em"], "num_searches": r["num_searches"], "answered": r["answered"]})
+                    "em": r["em"], "num_searches": r["num_searches"], "answered": r["answered"], "n": r["n"],
+                    "key": arm_key(cfg, self.args, name)})
         _atomic_json(done, rec)
         return rec
 
@@ -242,18 +302,19 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
-def build_report(out: Path, test: list[dict], draws: list[int]) -> tuple[list[str], dict[str, float]]:
-    """Markdown lines of the ablation report and the three headline figures (EM points)."""
+def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple[list[str], dict[str, float]]:
+    """Markdown lines of the ablation report and the three headline figures (EM points).
+    ``locate(d, arm)`` is the folder of an arm (d None for the warm start)."""
     types = question_types(test)
-    warm_rows = _read_rows(out / "warm" / "eval.parquet")
+    warm_rows = _read_rows(locate(None, "warm start") / "eval.parquet")
     rows_of: dict[tuple[int, str], list[dict]] = {}
     recs: dict[tuple[int, str], dict] = {}
     for d in draws:
         for a in ARMS:
-            arm_dir = out / f"draw{d}" / a.replace("+", "p")
-            if (arm_dir / "arm.json").is_file():
-                recs[(d, a)] = json.loads((arm_dir / "arm.json").read_text())
-                rows_of[(d, a)] = _read_rows(arm_dir / "eval.parquet")
+            where = locate(d, a)
+            if (where / "arm.json").is_file():
+                recs[(d, a)] = json.loads((where / "arm.json").read_text())
+                rows_of[(d, a)] = _read_rows(where / "eval.parquet")
     kinds = sorted({t for t in types.values()})
     cols = kinds + ["avg"]
     table: dict[str, dict[str, list[float]]] = {r: {c: [] for c in cols + ["overall"]} for r in ROWS}
@@ -365,12 +426,10 @@ def _plot(path: Path, table: dict, cols: list[str]) -> None:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    from searche1_ray.config import load_config
     from searche1_ray.data.prepare import prepare_data
     from searche1_ray.data.readers import read_qa
 
-    cfg = load_config(args.config, ABLATION_OVERRIDES + list(args.overrides)
-                      + ([f"run.name={args.name}"] if args.name else []))
+    cfg = _draw_cfg(args)
     out = cfg.run_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg)
@@ -380,8 +439,12 @@ def main(argv=None) -> int:
                          f"(raise data.world.num_questions)")
     test = test[: args.eval]
     draws = list(range(args.draws))
+
+    def locate(d: int | None, name: str) -> Path:
+        return arm_dir(out, cfg if d is None else _draw_cfg(args, d), args, d, name)
+
     if args.report_only:
-        return _finish(out, test, draws)
+        return _finish(out, test, draws, locate)
 
     import ray
     from ray import serve
@@ -405,12 +468,7 @@ def main(argv=None) -> int:
         retriever, _ = start_retriever(cfg, str(data.corpus), str(default_index_dir(cfg, data.dir)))
         pool = RolloutPool(cfg, warm, retriever)
         ab = Ablation(args, cfg, out, train, dev, test, pool, warm)
-        warm_dir = out / "warm"
-        if not (warm_dir / "arm.json").is_file():
-            warm_dir.mkdir(parents=True, exist_ok=True)
-            r = ab._eval(warm_dir, "warm start")
-            _atomic_json(warm_dir / "arm.json", {"arm": "warm start", "policy": warm, "train_s": ws_s,
-                                                 "eval_s": r["seconds"], "em": r["em"]})
+        ab.warm_arm()
         for d in draws:
             for a in ARMS:
                 ab.arm(d, a)
@@ -421,12 +479,12 @@ def main(argv=None) -> int:
             serve.shutdown()
         finally:
             ray.shutdown()
-    log.info("ablation finished in %.1f min", (time.time() - t_all) / 60)
-    return _finish(out, test, draws)
+    log.info("ablation finished in %.1f min (warm start %.0f s, 0 = cached)", (time.time() - t_all) / 60, ws_s)
+    return _finish(out, test, draws, locate)
 
 
-def _finish(out: Path, test: list[dict], draws: list[int]) -> int:
-    lines, figures = build_report(out, test, draws)
+def _finish(out: Path, test: list[dict], draws: list[int], locate) -> int:
+    lines, figures = build_report(locate, test, draws, out)
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"report: {out / 'ablation.md'}")

@@ -38,7 +38,9 @@ class ModelConfig:
     # anything else is a Hugging Face id or a local folder.
     name: str = "smollm2-135m-instruct"
     cache_dir: str = "~/.cache/searche1_ray/models"
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    # "auto" = bfloat16 on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), float32 on other
+    # CPUs, where bf16 runs 4-80x slower (searche1_ray/hardware.py)
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     use_chat_template: bool = True
 
 
@@ -118,7 +120,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     zero_stage: int = 2
-    bf16: bool = True
+    bf16: Literal["auto", True, False] = "auto"   # auto: bf16 on GPU / native-bf16 CPUs, else fp32
     gradient_checkpointing: bool = False
     micro_batch_size: int = 4
     max_seq_len: int = 1024

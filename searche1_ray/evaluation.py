@@ -183,7 +183,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _trajectory_row(row: dict, question: dict, dataset: str) -> dict:
     golden = list(question["golden_answers"])
-    return {"question_id": str(question["id"]), "dataset": dataset, "question": question["question"],
+    return {"question_id": str(question["id"]), "dataset": dataset, "type": str(question.get("type", "")),
+            "question": question["question"],
             "golden_answers": golden, "answer": row.get("answer"),
             "em": exact_match(row.get("answer"), golden), "reward": float(row.get("reward", 0.0)),
             "num_searches": int(row.get("num_searches", 0)), "queries": list(row.get("queries") or []),
@@ -196,7 +197,9 @@ def _write_trajectories(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("question_id", pa.string()), ("dataset", pa.string()), ("question", pa.string()),
+    schema = pa.schema([("question_id", pa.string()), ("dataset", pa.string()),
+                        ("type", pa.string()),  # metadata.type of the question ("" if none)
+                        ("question", pa.string()),
                         ("golden_answers", pa.list_(pa.string())), ("answer", pa.string()),
                         ("em", pa.float64()), ("reward", pa.float64()), ("num_searches", pa.int64()),
                         ("queries", pa.list_(pa.string())), ("response", pa.string()),
@@ -215,8 +218,8 @@ def evaluate_split(pool: Any, questions: Sequence[dict], out_path: str | os.Path
     "seconds", "questions_per_s", ...}`` and writes the per-question Parquet to ``out_path``."""
     from tqdm.auto import tqdm
 
-    qs = [{"id": str(q["id"]), "question": q["question"], "golden_answers": list(q["golden_answers"])}
-          for q in questions]
+    qs = [{"id": str(q["id"]), "question": q["question"], "golden_answers": list(q["golden_answers"]),
+           "type": str((q.get("metadata") or {}).get("type") or "")} for q in questions]
     by_id = {q["id"]: q for q in qs}
     out_rows: list[dict] = []
     t0 = time.time()
@@ -224,7 +227,8 @@ def evaluate_split(pool: Any, questions: Sequence[dict], out_path: str | os.Path
     try:
         for start in range(0, len(qs), max(1, batch_size)):
             chunk = qs[start:start + batch_size]
-            rows = pool.generate(chunk, n=1, temperature=temperature)
+            rows = pool.generate([{k: v for k, v in q.items() if k != "type"} for q in chunk], n=1,
+                                 temperature=temperature)
             got = {str(r["question_id"]): r for r in rows}
             missing = [q["id"] for q in chunk if q["id"] not in got]
             if missing:

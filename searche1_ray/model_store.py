@@ -62,9 +62,13 @@ def _convert_gguf(gguf: Path, out: Path, dtype: str) -> None:
 
 
 def resolve_model(name: str = EMBEDDED_MODEL, cache_dir: str | os.PathLike = DEFAULT_CACHE,
-                  dtype: str = "bfloat16") -> str:
+                  dtype: str = "auto") -> str:
     """Return a local folder (or, for a hub id, the id itself) that ``from_pretrained`` and vLLM
-    can load. The embedded model is converted on first use and reused afterwards."""
+    can load. The embedded model is converted on first use (in ``dtype``; "auto" = the fast one
+    on this machine, ``hardware.resolve_dtype``) and reused afterwards."""
+    from searche1_ray.hardware import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     if name != EMBEDDED_MODEL:
         local = Path(name).expanduser()
         if local.exists():

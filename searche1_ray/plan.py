@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from searche1_ray.config import Config
+from searche1_ray.hardware import resolve_bf16
 
 
 class PlanError(ValueError):
@@ -180,7 +181,8 @@ def resource_plan(cfg: Config) -> ResourcePlan:
         name="train", count=t.num_workers, max_count=t.num_workers,
         bundles=[dict(train_scaling_config(cfg)["resources_per_worker"])], strategy="PACK",
         ray_options={"ScalingConfig": train_scaling_config(cfg)},
-        notes=(f"DeepSpeed ZeRO-{t.zero_stage}, {'bf16' if t.bf16 else 'fp32'}"
+        notes=(f"DeepSpeed ZeRO-{t.zero_stage}, "
+               f"{'bf16' if resolve_bf16(t.bf16, t.use_gpu) else 'fp32'}{' (auto)' if t.bf16 == 'auto' else ''}"
                + (", gradient checkpointing" if t.gradient_checkpointing else "")
                + ("" if t.use_gpu else ", gloo on CPU")))
     retriever = ComponentPlan(

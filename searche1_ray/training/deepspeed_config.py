@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from searche1_ray.config import TrainConfig
+from searche1_ray.hardware import resolve_bf16
 
 
 def deepspeed_config(train: TrainConfig, grad_clip: float, world_size: int) -> dict[str, Any]:
@@ -23,7 +24,7 @@ def deepspeed_config(train: TrainConfig, grad_clip: float, world_size: int) -> d
     gathered for weight export) with bf16.
     """
     stage = train.zero_stage
-    bf16 = bool(train.bf16)
+    bf16 = resolve_bf16(train.bf16, train.use_gpu)
     if train.use_gpu:
         stage = 3 if stage >= 2 else stage
         bf16 = True

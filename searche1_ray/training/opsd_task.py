@@ -263,10 +263,10 @@ def opsd_loss(model: Any, batch: dict[str, Tensor], tau_clip: float, lean: bool,
     return loss, metrics
 
 
-def merged_state_dict(model: Any, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+def merged_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The policy's weights with the adapter merged in (W + ΔW, summed in float32), under the
     plain Hugging Face names (``model.layers.0.self_attn.q_proj.weight``…), as new contiguous CPU
-    tensors of ``dtype``; tied duplicates (``lm_head`` = the embedding) are dropped, as in
+    tensors of ``dtype`` (None = the base weights' own); tied duplicates (``lm_head`` = the embedding) are dropped, as in
     ``tasks.full_state_dict``. The live model is not touched: an in-place merge/unmerge would
     round the bf16 base weights every time."""
     from peft.tuners.lora import LoraLayer
@@ -289,9 +289,10 @@ def merged_state_dict(model: Any, dtype: torch.dtype = torch.bfloat16) -> dict[s
             seen.add(value.data_ptr())
             key = key.replace(".base_layer.", ".")
             t = value.detach().to("cpu")
+            want = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
             if key in deltas:
                 t = t.float() + deltas.pop(key).to("cpu")
-            out[key] = t.to(dtype if t.is_floating_point() else t.dtype).contiguous().clone()
+            out[key] = t.to(want).contiguous().clone()
     if deltas:
         raise RuntimeError(f"opsd: LoRA deltas without a base weight: {sorted(deltas)[:3]}")
     return out

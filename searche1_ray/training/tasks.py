@@ -108,9 +108,10 @@ def rank_micro_batches(minibatch: Sequence[dict], rank: int, world: int, micro_b
     return micros + [None] * (n_micro - len(micros))
 
 
-def full_state_dict(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """HF-named weights as contiguous CPU tensors of ``dtype``; tied duplicates (``lm_head``
-    sharing the embedding) are dropped, as ``save_pretrained`` does."""
+def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """HF-named weights as contiguous CPU tensors of ``dtype`` (None = as trained: the engines
+    then serve exactly the trainer's policy); tied duplicates (``lm_head`` sharing the
+    embedding) are dropped, as ``save_pretrained`` does."""
     seen: set[int] = set()
     out = {}
     for name, t in model.state_dict().items():
@@ -118,7 +119,8 @@ def full_state_dict(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16)
         if key in seen and t.numel() > 0:
             continue
         seen.add(key)
-        out[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous().clone()
+        out[name] = t.detach().to("cpu", dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+                                  ).contiguous().clone()
     return out
 
 

@@ -1,6 +1,6 @@
 """The Ray Train worker side of TrainRunner: one rank's DeepSpeed engine and its command loop.
 
-Every rank loads the policy (bf16 on CPU when ``train.bf16``), lets the task prepare it (e.g.
+Every rank loads the policy (bf16 when ``train.bf16`` resolves to it: searche1_ray/hardware.py), lets the task prepare it (e.g.
 LoRA, a frozen reference), wraps it with DeepSpeed (deepspeed_config.py, a ``torch.optim.AdamW``
 object and a ``LambdaLR`` from ``task.lr_factor``) and then executes the commands the driver sends
 through the CommandChannel (runner.py) until ``stop``:
@@ -32,6 +32,7 @@ from typing import Any
 import ray
 
 from searche1_ray.config import Config
+from searche1_ray.hardware import resolve_bf16
 from searche1_ray.training.tasks import rank_micro_batches
 
 READY = -1  # sequence number of the "worker is up" message
@@ -90,7 +91,7 @@ class _Worker:
         torch.manual_seed(cfg.run.seed)
         torch.set_num_threads(max(1, int(round(cfg.train.cpus_per_worker))))
         self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
-        dtype = torch.bfloat16 if (cfg.train.bf16 or cfg.train.use_gpu) else torch.float32
+        dtype = torch.bfloat16 if (resolve_bf16(cfg.train.bf16, cfg.train.use_gpu) or cfg.train.use_gpu) else torch.float32
         ds_cfg = deepspeed_config(cfg.train, task.grad_clip, world)
         self.zero3 = ds_cfg["zero_optimization"]["stage"] == 3
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)

@@ -6,11 +6,9 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from searche1_ray.config import load_config
-from searche1_ray.opsd import clipped_forward_kl
 from searche1_ray.pairs import mine_group, pair_counts, policy_text
 from searche1_ray.training.opsd_round import BestCheckpoint, batch_schedule, select_best
 from searche1_ray.training.opsd_task import (

@@ -315,15 +315,20 @@ def test_full_state_dict_drops_tied_and_casts():
     model = torch.nn.Module()
     model.a, model.b = lin, torch.nn.Linear(3, 3)
     model.b.weight = lin.weight  # tied
-    sd = full_state_dict(model)
+    sd = full_state_dict(model, dtype=torch.bfloat16)
     assert set(sd) == {"a.weight", "a.bias", "b.bias"}
     assert all(t.dtype == torch.bfloat16 for t in sd.values())
+    # by default the trained dtype is kept: the engines serve exactly the trainer's weights
+    sd = full_state_dict(model)
+    assert all(t.dtype == torch.float32 for t in sd.values()) and torch.equal(sd["a.weight"], lin.weight)
 
 
 def test_deepspeed_config_cpu_and_gpu():
-    cfg = load_config(None, ["train.micro_batch_size=3", "train.num_workers=2"])
+    cfg = load_config(None, ["train.micro_batch_size=3", "train.num_workers=2", "train.bf16=true"])
     ds = deepspeed_config(cfg.train, grad_clip=0.7, world_size=2)
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
+    off = load_config(None, ["train.bf16=false"])
+    assert deepspeed_config(off.train, grad_clip=1.0, world_size=2)["bf16"]["enabled"] is False
     assert ds["gradient_clipping"] == 0.7 and ds["train_batch_size"] == 6
     assert "optimizer" not in ds  # a torch.optim.AdamW object is passed instead (MEASURED)
     gpu = load_config(None, ["train.use_gpu=true", "train.bf16=false"])

@@ -57,6 +57,38 @@ def test_report_has_em_table_and_plots(tmp_path):
     json.loads(st.to_json())
 
 
+def _write_eval(run_dir, label, split, ems, types):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = run_dir / "eval" / label / f"{split}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([{"question_id": f"q{i}", "em": float(e), "type": t}
+                                         for i, (e, t) in enumerate(zip(ems, types))]), str(path))
+
+
+def test_report_shows_em_per_type_and_the_changes_between_stages(tmp_path):
+    st = RunState("r", schedule(1, True))
+    types = ["single_hop", "single_hop", "two_hop", "two_hop", "bridge", "bridge"]
+    ems = {"base": [0, 0, 0, 0, 0, 0], "warmstart": [1, 0, 1, 0, 0, 0], "grpo0": [1, 1, 0, 1, 1, 0]}
+    for label, e in ems.items():
+        st.evals[label] = {"dev": {"em": sum(e) / 6, "num_searches": 1.0, "answered": 1.0}}
+        _write_eval(tmp_path, label, "dev", e, types)
+    st.evals["opsd0"] = {"dev": {"em": 0.5, "num_searches": 1.0, "answered": 1.0}}  # no Parquet: skipped
+    st.history = [{"key": "grpo/0/step0", "stage": "grpo/0", "rollout/reward_mean": 0.2},
+                  {"key": "grpo/0/step1", "stage": "grpo/0", "rollout/reward_mean": 0.4},
+                  {"key": "opsd/0", "stage": "opsd/0", "rollout/reward_mean": 0.6}]
+    text = write_report(st, tmp_path).read_text()
+    assert "| policy | bridge | single_hop | two_hop | avg | n |" in text
+    assert "| warmstart | 0.000 | 0.500 | 0.500 | 0.333 | 6 |" in text
+    assert "| grpo0 | 0.500 | 1.000 | 0.500 | 0.667 | 6 |" in text
+    # base -> warmstart: 2 up, 0 down; warmstart -> grpo0: q1, q3, q4 up, q2 down
+    assert "| base → warmstart | 2 | 0 | 0.5 | bridge 0/0, single_hop 1/0, two_hop 1/0 |" in text
+    assert "| warmstart → grpo0 | 3 | 1 | 0.625 | bridge 1/0, single_hop 1/0, two_hop 1/1 |" in text
+    assert "opsd0 |" not in text.split("### dev: EM per question type")[1].split("###")[0]
+    assert (tmp_path / "reward.png").stat().st_size > 1000
+
+
 def test_stage_cycle_for_the_dashboard_gauge():
     from actors.driver import stage_cycle
     from searche1_ray.run_state import schedule
