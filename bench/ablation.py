@@ -141,13 +141,22 @@ def _read_rows(path: Path) -> list[dict]:
     return pq.read_table(str(path), columns=["question_id", "em", "answer", "num_searches"]).to_pylist()
 
 
+_CFG_CACHE: dict[tuple[int, int | None], Any] = {}
+
+
 def _draw_cfg(args, d: int | None = None):
-    """The bench's config (run.seed = the draw's sample seed when ``d`` is given)."""
+    """The bench's config (run.seed = the draw's sample seed when ``d`` is given), read once per
+    run: an edit of the YAML file while the bench runs does not change its later arms."""
+    import copy
+
     from searche1_ray.config import load_config
 
-    return load_config(args.config, ABLATION_OVERRIDES + list(args.overrides)
-                       + ([f"run.name={args.name}"] if args.name else [])
-                       + ([f"run.seed={d}"] if d is not None else []))
+    key = (id(args), d)
+    if key not in _CFG_CACHE:
+        _CFG_CACHE[key] = load_config(args.config, ABLATION_OVERRIDES + list(args.overrides)
+                                      + ([f"run.name={args.name}"] if args.name else [])
+                                      + ([f"run.seed={d}"] if d is not None else []))
+    return copy.deepcopy(_CFG_CACHE[key])
 
 
 class Ablation:
@@ -370,7 +379,7 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
         rec = recs.get((d, "G+O"))
         if not rec:
             continue
-        o = rec["opsd"]
+        o = {k: (v if v is not None else float("nan")) for k, v in rec["opsd"].items()}
         changed = "–"
         if (d, "G") in rows_of:
             g = {r["question_id"]: r["answer"] for r in rows_of[(d, "G")]}

@@ -48,7 +48,11 @@ def test_converted_model_answers_in_transformers():
     path = resolve_model()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    assert model.dtype == torch.bfloat16 and tok.chat_template
+    from searche1_ray.hardware import resolve_dtype
+
+    # "auto": bf16 where the CPU multiplies it natively, else fp32 (searche1_ray/hardware.py)
+    assert model.dtype == getattr(torch, resolve_dtype("auto")) and tok.chat_template
+    assert path.endswith(resolve_dtype("auto"))
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      tokenize=False, add_generation_prompt=True)

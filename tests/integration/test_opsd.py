@@ -187,7 +187,9 @@ def test_opsd_task_under_the_ray_train_runner(ray_cluster, policy, tok, tmp_path
     assert set(weights) == set(base)                       # plain HF names, no lora_ / base_layer
     changed = [k for k in weights if not torch.equal(weights[k], base[k])]
     assert changed and all(any(t in k for t in cfg.opsd.target_modules) for k in changed)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    from searche1_ray.hardware import resolve_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, resolve_dtype("auto")))
     saved = model.state_dict()
     for k in changed[:5]:
         torch.testing.assert_close(saved[k], weights[k], rtol=0, atol=0)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.integration.conftest import ray_fixture
+from searche1_ray.hardware import resolve_dtype
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def _cfg(*overrides):
     from searche1_ray.config import load_config
 
     return load_config(None, ["train.num_workers=2", "train.cpus_per_worker=1", "train.zero_stage=2",
-                              "train.bf16=true", "train.micro_batch_size=2", "train.max_seq_len=256",
+                              "train.micro_batch_size=2", "train.max_seq_len=256",
                               *overrides])
 
 
@@ -119,8 +120,9 @@ def test_grpo_runner_on_policy_ratio_weights_and_checkpoint(ray_local, model_pat
 
         # weight export equals the trainer's model
         weights = runner.get_weights()
-        assert "model.embed_tokens.weight" in weights and all(v.dtype == torch.bfloat16 for v in weights.values())
-        fresh = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+        dt = getattr(torch, resolve_dtype("auto"))  # train.bf16 "auto": what the ranks trained in
+        assert "model.embed_tokens.weight" in weights and all(v.dtype == dt for v in weights.values())
+        fresh = AutoModelForCausalLM.from_pretrained(model_path, dtype=dt)
         missing, unexpected = fresh.load_state_dict(weights, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}
         fresh.eval()
@@ -132,7 +134,7 @@ def test_grpo_runner_on_policy_ratio_weights_and_checkpoint(ray_local, model_pat
         # checkpoint: an HF folder transformers loads, registered with Ray Train
         folder = Path(runner.save_checkpoint("step1"))
         assert folder == (tmp_path / "run" / "checkpoints" / "step1").resolve()
-        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
         sd = reloaded.state_dict()
         for k in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
             assert torch.equal(sd[k], weights[k]), k
