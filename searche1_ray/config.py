@@ -275,6 +275,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("warmstart.noisy_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("warmstart.epochs", lambda v: v >= 1, ">= 1"),
     ("warmstart.lr", lambda v: v > 0, "> 0"),
+    ("warmstart.batch_size", lambda v: v >= 1, ">= 1"),
     ("grpo.steps_per_round", lambda v: v >= 0, ">= 0"),
     ("grpo.questions_per_step", lambda v: v >= 1, ">= 1"),
     ("grpo.lr", lambda v: v > 0, "> 0"),
@@ -299,6 +300,8 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("opsd.eval_every", lambda v: v >= 1, ">= 1"),
     ("opsd.target_modules", lambda v: len(v) >= 1, "a non-empty list"),
     ("eval.limit", lambda v: v >= 0, ">= 0"),
+    ("eval.splits", lambda v: len(v) >= 1 and set(v) <= {"train", "dev", "test"},
+     "a non-empty list of 'train', 'dev', 'test'"),
     ("eval.temperature", lambda v: v >= 0, ">= 0"),
     ("cluster.num_gpus", lambda v: v >= 0, ">= 0 (0 = unknown)"),
     ("cluster.num_cpus", lambda v: v >= 0, ">= 0 (0 = unknown)"),
@@ -397,8 +400,9 @@ def validate(cfg: Config) -> Config:
         for key in ("train_path", "corpus_path"):
             if not getattr(cfg.data, key):
                 raise ConfigError(f"config: data.{key} is required when data.source is 'files'")
-    if not cfg.run.name or "/" in cfg.run.name:
-        raise ConfigError(f"config: run.name must be a non-empty name without '/', got {cfg.run.name!r}")
+    if not cfg.run.name or any(c in cfg.run.name for c in "/\\\0") or cfg.run.name.strip(".") == "":
+        raise ConfigError(f"config: run.name must be a folder name (not '.' or '..', no '/' or '\\'), "
+                          f"got {cfg.run.name!r}")
     return cfg
 
 

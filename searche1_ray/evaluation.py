@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,15 +106,15 @@ def _read_search_r1_merged(path: Path) -> dict[str, list[dict]]:
     if "data_source" not in table.column_names:
         raise ValueError(f"{path}: a Search-R1 test parquet needs a 'data_source' column")
     out: dict[str, list[dict]] = {}
-    tmp_dir = path.parent if os.access(path.parent, os.W_OK) else Path(os.environ.get("TMPDIR", "/tmp"))
-    for source in table.column("data_source").unique().to_pylist():
-        part = table.filter(pc.equal(table.column("data_source"), source))
-        tmp = tmp_dir / f".{path.stem}.{os.getpid()}.{re.sub(r'[^A-Za-z0-9_.-]', '_', str(source))}.parquet"
-        try:
+    # a private temp folder (tempfile: unpredictable name, mode 0700) beside the file when it is
+    # writable, else in the system's temp dir
+    tmp_root = str(path.parent) if os.access(path.parent, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=tmp_root) as tmp_dir:
+        for source in table.column("data_source").unique().to_pylist():
+            part = table.filter(pc.equal(table.column("data_source"), source))
+            tmp = Path(tmp_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', str(source))}.parquet"
             pq.write_table(part, tmp)
             out[str(source)] = read_qa(tmp, data_source=str(source))
-        finally:
-            tmp.unlink(missing_ok=True)
     return out
 
 

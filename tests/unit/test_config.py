@@ -45,6 +45,14 @@ def test_round_trip_through_dict():
     ("train.zero_stage=4", "config: train.zero_stage must be one of 0, 1, 2, 3, got 4"),
     ("retriever.max_replicas=0", "retriever.max_replicas must be >= retriever.min_replicas"),
     ("data.source=files", "config: data.train_path is required when data.source is 'files'"),
+    ("warmstart.batch_size=0", "config: warmstart.batch_size must be >= 1, got 0"),
+    ("run.name=..", "config: run.name must be a folder name"),
+    ("run.name=a/b", "config: run.name must be a folder name"),
+    ("eval.splits=[dev,tset]", "config: eval.splits must be a non-empty list of 'train', 'dev', 'test'"),
+    ("grpo.warmup_ratio=1.5", "config: grpo.warmup_ratio must be in [0, 1)"),
+    ("opsd.loss_agg=sum", "config: opsd.loss_agg must be one of 'seq_mean', 'token_mean'"),
+    ("opsd.teacher_reference=answer", "config: opsd.teacher_reference must be one of 'full', 'policy_text'"),
+    ("train.bf16=maybe", "config: train.bf16 must be one of 'auto', True, False"),
 ])
 def test_bad_values_fail_with_the_dotted_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -82,3 +90,9 @@ def test_yaml_scientific_floats_without_dot_are_numbers(tmp_path):
     f.write_text("grpo:\n  lr: 1e-6\n")
     assert load_config(f).grpo.lr == pytest.approx(1e-6)
     assert Config().grpo.lr == pytest.approx(1e-6)
+
+
+def test_warmup_is_steps_or_ratio_not_both():
+    assert load_config(None, ["grpo.warmup_ratio=0.285"]).grpo.warmup_ratio == 0.285
+    with pytest.raises(ConfigError, match="set grpo.warmup_steps .2. or grpo.warmup_ratio .0.1., not both"):
+        load_config(None, ["grpo.warmup_steps=2", "grpo.warmup_ratio=0.1"])
