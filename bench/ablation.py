@@ -2,7 +2,7 @@
 
     python -m bench.ablation                    # 3 draws (about 2-2.5 h on 2 cores; resumable)
     python -m bench.ablation --draws 1          # a quick look (under an hour once warm-started)
-    python -m bench.ablation --set opsd.lr=3e-4 --name ablation-lr3e-4
+    python -m bench.ablation --draws 1 --set opsd.lr=3e-4   # reruns G+O only: G, G+G are reused
 
 From one cached warm start (SFT on oracle trajectories, as bench/grpo_learning.py; cached under
 ~/.cache/searche1_ray/warmstart/<hash of its settings>), per draw d (a sample seed: which training
@@ -117,8 +117,8 @@ def arm_key(cfg, args, name: str) -> str:
     d = cfg.to_dict()
     base = {k: d[k] for k in ("model", "data", "retriever", "rollout", "train", "warmstart", "grpo")}
     base.update(seed=d["run"]["seed"], grpo_steps=args.grpo_steps, warm=args.warmstart_dir or "", version=1)
-    if name == "warm start":
-        blob: dict = {k: base[k] for k in ("model", "data", "warmstart", "warm")}
+    if name == "warm start":  # the cached policy (warmstart, max_seq_len) and its greedy evaluation
+        blob: dict = {k: base[k] for k in ("model", "data", "warmstart", "warm", "rollout", "retriever", "train")}
     elif name == "G":
         blob = base
     elif name == "G+O":

@@ -184,9 +184,11 @@ def main(argv=None) -> dict:
         if not args.skip_hf:
             torch.set_num_threads(len(cpus))
             os.sched_setaffinity(0, cpus)
+            from searche1_ray.hardware import resolve_dtype
+
             tok = AutoTokenizer.from_pretrained(model_path)
             model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=getattr(torch, cfg.model.dtype)).eval()
+                model_path, dtype=getattr(torch, resolve_dtype(cfg.model.dtype))).eval()
             settings = LoopSettings.from_config(r, cfg.retriever.topk, seed=args.seed)
 
             def retrieve(qs, k):

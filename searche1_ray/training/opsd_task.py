@@ -82,24 +82,33 @@ def teacher_prompt_ids(question: str, references: Sequence[str], tokenizer: Any,
     reference's searches and answer stay whole), then, if that is not enough, at the references'
     tails."""
     refs = [str(r) for r in references]
-    info_keep = 1.0
-    for _ in range(12):
-        text = _wrap_chat(teacher_user_message(question, refs if info_keep >= 1.0 else
-                                               [shorten_information(r, info_keep) for r in refs],
-                                               cfg.opsd.teacher_template),
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def retrieved_tokens(texts: Sequence[str]) -> int:  # inside the blocks: what cutting can remove
+        return sum(n_tokens(b[len("<information>"):-len("</information>")])
+                   for t in texts for b in information_blocks(t))
+
+    info_keep, cutting_tails, last_len = 1.0, False, None
+    for _ in range(16):
+        shown = refs if (cutting_tails or info_keep >= 1.0) else [shorten_information(r, info_keep) for r in refs]
+        text = _wrap_chat(teacher_user_message(question, shown, cfg.opsd.teacher_template),
                           tokenizer, cfg.model.use_chat_template)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         excess = len(ids) - max_tokens
         if excess <= 0:
             return ids
-        info = sum(len(tokenizer(b, add_special_tokens=False)["input_ids"])
-                   for r in refs for b in information_blocks(shorten_information(r, info_keep)))
-        if info > 4 * len(refs) and info_keep > 0.0:   # cut the retrieved text first
-            info_keep = max(0.0, info_keep * (info - excess - 4 * len(refs)) / info)
+        if not cutting_tails:
+            inner = retrieved_tokens(shown)
+            if inner > excess and len(ids) != last_len:   # the retrieved text can absorb the cut
+                last_len = len(ids)
+                info_keep *= max(0.0, inner - excess - 2 * len(refs)) / inner
+                continue
+            # not enough retrieved text (or a cut that no longer shortens): drop it all, then the tails
+            refs = [shorten_information(r, 0.0) for r in refs]
+            cutting_tails = True
             continue
-        if info_keep < 1.0:                            # nothing retrieved left to cut: the tails
-            refs = [shorten_information(r, info_keep) for r in refs]
-            info_keep = 1.0
         ref_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in refs]
         total = sum(len(r) for r in ref_ids)
         if total == 0:
@@ -129,7 +138,8 @@ def make_sample(pair: dict[str, Any], tokenizer: Any, cfg: Config) -> dict[str, 
     The pair carries the student rollout's ``prompt_ids`` / ``response_ids`` / ``loss_mask`` and
     the reference texts. Returns ``student_prompt_ids``, ``teacher_prompt_ids``,
     ``response_ids``, ``loss_mask`` (aligned to ``response_ids``; the response is cut so the
-    teacher input fits in ``train.max_seq_len``), ``input_ids`` (= the student input, which the
+    student input fits in ``train.max_seq_len``; the teacher prompt is cut to ``max_seq_len - 8``),
+    ``input_ids`` (= the student input, which the
     runner sorts micro-batches by) and ``question_id``; None when no policy-written token is left.
     """
     max_len = cfg.train.max_seq_len
@@ -142,8 +152,9 @@ def make_sample(pair: dict[str, Any], tokenizer: Any, cfg: Config) -> dict[str, 
     teacher_prompt = teacher_prompt_ids(pair["question"], teacher_references(pair, cfg), tokenizer, cfg,
                                         max_tokens=max_len - MIN_RESPONSE_TOKENS)
     # the student input (the one trained through) fits in max_seq_len; the teacher input (no
-    # gradient) may run to twice that, so a whole reference never crowds out the response
-    keep = min(max_len - len(student_prompt), 2 * max_len - len(teacher_prompt))
+    # gradient; its prompt is at most max_seq_len - 8) may run to twice that, so a whole
+    # reference never crowds out the response
+    keep = max(0, max_len - len(student_prompt))
     response, mask = response[:keep], mask[:keep]
     if not any(mask):
         return None

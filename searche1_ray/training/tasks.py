@@ -108,6 +108,11 @@ def rank_micro_batches(minibatch: Sequence[dict], rank: int, world: int, micro_b
     return micros + [None] * (n_micro - len(micros))
 
 
+def shortest_row(minibatch: Sequence[dict]) -> int:
+    """Index of the shortest sample: what a zero-weight padding micro-batch runs on."""
+    return min(range(len(minibatch)), key=lambda i: len(minibatch[i]["input_ids"]))
+
+
 def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """HF-named weights as contiguous CPU tensors of ``dtype`` (None = as trained: the engines
     then serve exactly the trainer's policy); tied duplicates (``lm_head`` sharing the
@@ -308,11 +313,13 @@ class GRPOTask(TrainTask):
             s["engine_logprobs"] = s["old_logprobs"]
         for minibatch in self.minibatches(out):
             for idx in rank_micro_batches(minibatch, rank, world, micro_batch_size):
-                if idx is None:
-                    continue
-                rows = [minibatch[i] for i in idx]
+                # a padding micro-batch still runs a forward: under ZeRO-3 every forward gathers
+                # parameters from all ranks, so a rank that skipped one would hang the others
+                rows = [minibatch[shortest_row(minibatch)]] if idx is None else [minibatch[i] for i in idx]
                 mb = {k: v.to(device) for k, v in pad_samples(rows, ("input_ids", "loss_mask")).items()}
                 lp = masked_logprobs(model, mb["input_ids"], mb["attention_mask"], mb["loss_mask"]).float().cpu()
+                if idx is None:
+                    continue
                 select = mb["loss_mask"][:, 1:].bool().cpu()
                 k = 0
                 for row, sel in zip(rows, select):

@@ -33,7 +33,7 @@ import ray
 
 from searche1_ray.config import Config
 from searche1_ray.hardware import resolve_bf16
-from searche1_ray.training.tasks import rank_micro_batches
+from searche1_ray.training.tasks import rank_micro_batches, shortest_row
 
 READY = -1  # sequence number of the "worker is up" message
 
@@ -155,7 +155,7 @@ class _Worker:
                 t0 = time.perf_counter()
                 for k, idx in enumerate(micros):
                     engine.set_gradient_accumulation_boundary(k == n_micro - 1)
-                    rows = [minibatch[0]] if idx is None else [minibatch[i] for i in idx]
+                    rows = [minibatch[shortest_row(minibatch)]] if idx is None else [minibatch[i] for i in idx]
                     w = 0.0 if idx is None else sum(weights[i] for i in idx)
                     loss, m = task.loss(self.module, self._to_device(task.collate(rows)))
                     scale = (w / total * self.world) if total > 0 else 0.0

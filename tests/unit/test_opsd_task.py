@@ -410,3 +410,27 @@ def test_opsd_round_stops_after_its_rollouts_when_asked(tmp_path):
                        should_stop=lambda: asked.append(1) or True)
     assert pool.generated == 6 and pool.updates == 0 and asked == [1]
     assert (tmp_path / "rollouts.parquet").is_file() and not (tmp_path / "pairs.parquet").exists()
+
+
+@pytest.mark.parametrize("budget", [70, 90, 110, 130, 400, 2000])
+def test_teacher_prompt_fits_every_budget_the_question_allows(budget):
+    """The shortening loop never stalls: with several <information> blocks it cuts them, then the
+    tails, and returns a prompt within the budget whenever the template and question fit."""
+    from searche1_ray.training.opsd_task import teacher_prompt_ids
+
+    cfg = load_config(None, ["model.use_chat_template=false", "opsd.teacher_template={question}|{reference}"])
+    tok = CharTokenizer()
+    ref = ("<search> a </search>" + INFO + "<search> b </search>" + INFO + "<answer> A </answer>")
+    ids = teacher_prompt_ids("Who", [ref, ref], tok, cfg, max_tokens=budget)
+    assert len(ids) <= budget
+    text = tok.decode(ids)
+    if budget >= len(ref) * 2 + 40:
+        assert "z" * 200 in text                    # room enough: nothing cut
+    elif budget >= 2 * len("<search> a </search>")+ 2 * len("<answer> A </answer>") + 140:
+        assert "<answer> A </answer>" in text       # retrieved text gave way first
+
+
+def test_padding_micro_batch_runs_on_the_shortest_row():
+    from searche1_ray.training.tasks import shortest_row
+
+    assert shortest_row([{"input_ids": [0] * 5}, {"input_ids": [0] * 2}, {"input_ids": [0] * 3}]) == 1
