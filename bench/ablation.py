@@ -455,12 +455,9 @@ def main(argv=None) -> int:
     if args.report_only:
         return _finish(out, test, draws, locate)
 
-    import ray
-    from ray import serve
-
     from actors.retriever import default_index_dir, start_retriever
     from bench.grpo_learning import warm_policy
-    from jobs._cli import init_ray
+    from jobs._cli import init_ray, shutdown_ray
     from searche1_ray.model_store import resolve_model
 
     t_all = time.time()
@@ -484,10 +481,7 @@ def main(argv=None) -> int:
     finally:
         if pool is not None:
             pool.shutdown()
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        shutdown_ray()
     log.info("ablation finished in %.1f min (warm start %.0f s, 0 = cached)", (time.time() - t_all) / 60, ws_s)
     return _finish(out, test, draws, locate)
 
