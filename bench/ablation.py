@@ -32,7 +32,16 @@ crash costs one arm). A sweep of an OPSD lever (``--set opsd.lr=…``) therefore
 and reuses the draws' G and G+G. Step counts are fixed, never cut by a wall-clock budget.
 
 What each lever did (record here; EM points on the --eval questions):
-  - 2026-12-06, defaults (see ABLATION_OVERRIDES): see the closing notes / ablation.md of that day.
+  - 2026-12-06, an AVX2-only EPYC (fp32; ~2-3x slower than the AMX machines of earlier sessions),
+    a reduced quick look that fit the session: --draws 1 --eval 60 --dev 24 --grpo-steps 3,
+    warm start 48 examples at lr 2e-4, OPSD pool 12 questions x K=5, 4 LoRA steps at opsd.lr 5e-4
+    (36.6 min in all; warm start 331 s, G 622 + 93 s eval, G+O 459 + 80, G+G 321 + 95).
+    Test EM (type average): warm start 12.7, G 19.6 (7 up / 3 down, p=0.34), G+O 19.6, G+G 25.2.
+    OPSD: 7 pairs (6 incorrect students; single_hop 5 of them), KL 0.127 -> 0.059 (clip fraction
+    2e-8: tau_clip never binds), dev EM 0.542 -> 0.500 -> 0.500 on 24 questions, so validation
+    kept step 0 and G+O = G (no test answer changed). At lr 1e-4 (earlier smoke runs) the KL had
+    not moved at all (0.109 -> 0.108); 5e-4 moves it but 7 pairs are too few to generalise.
+    Budget note: G+G ran 2 whole GRPO steps = 80 rollouts against the OPSD pool's 60.
 """
 
 from __future__ import annotations
