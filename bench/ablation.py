@@ -45,7 +45,7 @@ What each lever did (record here; EM points on the --eval questions):
     Same run, OPSD lever only (G, G+G reused): opsd.lr 1e-3, 8 steps, validation every 4: the
     pool drew 10 pairs this time (the CPU engine drops per-request seeds, so pools differ between
     runs), KL 0.101 -> 0.039, dev EM 0.542 -> 0.417 -> 0.417: distilling towards the teacher
-    cost 3 of 24 dev questions; validation again kept step 0 (G+O = G). 12.3 min for the arm.
+    cost 3 of 24 dev questions; validation again kept step 0 (G+O = G). 11.7 min in all.
 """
 
 from __future__ import annotations
