@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from searche1_ray.paired import question_types
 from searche1_ray.rewards import exact_match
 
 log = logging.getLogger(__name__)
@@ -182,9 +183,9 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _trajectory_row(row: dict, question: dict, dataset: str) -> dict:
+def _trajectory_row(row: dict, question: dict, dataset: str, qtype: str = "") -> dict:
     golden = list(question["golden_answers"])
-    return {"question_id": str(question["id"]), "dataset": dataset, "type": str(question.get("type", "")),
+    return {"question_id": str(question["id"]), "dataset": dataset, "type": qtype,
             "question": question["question"],
             "golden_answers": golden, "answer": row.get("answer"),
             "em": exact_match(row.get("answer"), golden), "reward": float(row.get("reward", 0.0)),
@@ -219,23 +220,23 @@ def evaluate_split(pool: Any, questions: Sequence[dict], out_path: str | os.Path
     "seconds", "questions_per_s", ...}`` and writes the per-question Parquet to ``out_path``."""
     from tqdm.auto import tqdm
 
-    qs = [{"id": str(q["id"]), "question": q["question"], "golden_answers": list(q["golden_answers"]),
-           "type": str((q.get("metadata") or {}).get("type") or "")} for q in questions]
+    qs = [{"id": str(q["id"]), "question": q["question"], "golden_answers": list(q["golden_answers"])}
+          for q in questions]
     by_id = {q["id"]: q for q in qs}
+    types = question_types(questions, default="")
     out_rows: list[dict] = []
     t0 = time.time()
     bar = tqdm(total=len(qs), desc=desc, unit="q", disable=not progress, leave=False)
     try:
         for start in range(0, len(qs), max(1, batch_size)):
             chunk = qs[start:start + batch_size]
-            rows = pool.generate([{k: v for k, v in q.items() if k != "type"} for q in chunk], n=1,
-                                 temperature=temperature)
+            rows = pool.generate(chunk, n=1, temperature=temperature)
             got = {str(r["question_id"]): r for r in rows}
             missing = [q["id"] for q in chunk if q["id"] not in got]
             if missing:
                 raise RuntimeError(f"eval: the rollout pool returned no row for question(s) "
                                    f"{missing[:5]} of {dataset or desc}")
-            out_rows.extend(_trajectory_row(got[q["id"]], by_id[q["id"]], dataset) for q in chunk)
+            out_rows.extend(_trajectory_row(got[q["id"]], by_id[q["id"]], dataset, types[q["id"]]) for q in chunk)
             bar.update(len(chunk))
             if out_rows:
                 bar.set_postfix(em=f"{sum(r['em'] for r in out_rows) / len(out_rows):.3f}")

@@ -29,9 +29,9 @@ def sign_test(up: int, down: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def question_types(questions: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """question id → its type (``metadata.type``; "all" when a question has none)."""
-    return {str(q["id"]): str((q.get("metadata") or {}).get("type") or "all") for q in questions}
+def question_types(questions: Iterable[Mapping[str, Any]], default: str = "all") -> dict[str, str]:
+    """question id → its type (``metadata.type``; ``default`` when a question has none)."""
+    return {str(q["id"]): str((q.get("metadata") or {}).get("type") or default) for q in questions}
 
 
 def _em_by_id(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:

@@ -42,7 +42,7 @@ FORCE_ANSWER_TEXT = "\n\nI have used all my searches. My final answer is: <answe
 
 _SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_INFO_RE = re.compile(r"<information>.*?</information>", re.DOTALL)
+_INFO_RE = re.compile(r"<information>(.*?)</information>", re.DOTALL)
 
 
 def question_text(question: str) -> str:
@@ -92,8 +92,8 @@ def parse_action(turn_text: str) -> Action:
     return Action("invalid", None)
 
 
-def information_blocks(response: str) -> list[str]:
-    """The retrieved ``<information>…</information>`` blocks of a response, tags included."""
+def information_texts(response: str) -> list[str]:
+    """The retrieved text inside each ``<information>…</information>`` block of a response."""
     return _INFO_RE.findall(response)
 
 
@@ -103,7 +103,7 @@ def shorten_information(response: str, keep: float) -> str:
     keep = min(1.0, max(0.0, keep))
 
     def cut(m: re.Match) -> str:
-        inner = m.group(0)[len("<information>"):-len("</information>")]
+        inner = m.group(1)
         if keep >= 1.0:
             return m.group(0)
         return "<information>" + inner[: int(len(inner) * keep)].rstrip() + " …</information>"

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from searche1_ray.config import Config
 from searche1_ray.opsd import clipped_forward_kl, clipped_forward_kl_lean
-from searche1_ray.trajectory import INSTRUCTION, information_blocks, shorten_information
+from searche1_ray.trajectory import INSTRUCTION, information_texts, shorten_information
 
 from searche1_ray.training.tasks import TrainTask
 
@@ -87,8 +87,7 @@ def teacher_prompt_ids(question: str, references: Sequence[str], tokenizer: Any,
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def retrieved_tokens(texts: Sequence[str]) -> int:  # inside the blocks: what cutting can remove
-        return sum(n_tokens(b[len("<information>"):-len("</information>")])
-                   for t in texts for b in information_blocks(t))
+        return sum(n_tokens(b) for t in texts for b in information_texts(t))
 
     info_keep, cutting_tails, last_len = 1.0, False, None
     for _ in range(16):

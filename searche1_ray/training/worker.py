@@ -1,6 +1,7 @@
 """The Ray Train worker side of TrainRunner: one rank's DeepSpeed engine and its command loop.
 
-Every rank loads the policy (bf16 when ``train.bf16`` resolves to it: searche1_ray/hardware.py), lets the task prepare it (e.g.
+Every rank loads the policy (bf16 when DeepSpeed's config says so: ``train.bf16`` resolved by
+searche1_ray/hardware.py, always on GPU), lets the task prepare it (e.g.
 LoRA, a frozen reference), wraps it with DeepSpeed (deepspeed_config.py, a ``torch.optim.AdamW``
 object and a ``LambdaLR`` from ``task.lr_factor``) and then executes the commands the driver sends
 through the CommandChannel (runner.py) until ``stop``:
@@ -32,7 +33,6 @@ from typing import Any
 import ray
 
 from searche1_ray.config import Config
-from searche1_ray.hardware import resolve_bf16
 from searche1_ray.training.tasks import rank_micro_batches, shortest_row
 
 READY = -1  # sequence number of the "worker is up" message
@@ -91,8 +91,9 @@ class _Worker:
         torch.manual_seed(cfg.run.seed)
         torch.set_num_threads(max(1, int(round(cfg.train.cpus_per_worker))))
         self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
-        dtype = torch.bfloat16 if (resolve_bf16(cfg.train.bf16, cfg.train.use_gpu) or cfg.train.use_gpu) else torch.float32
         ds_cfg = deepspeed_config(cfg.train, task.grad_clip, world)
+        # the weights' dtype is DeepSpeed's bf16 decision (train.bf16 resolved; always bf16 on GPU)
+        dtype = torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float32
         self.zero3 = ds_cfg["zero_optimization"]["stage"] == 3
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         model.config.use_cache = False
