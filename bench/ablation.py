@@ -66,6 +66,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.grpo_learning import GRPO_SETTINGS, WARMSTART_SETTINGS  # noqa: E402
 from searche1_ray.paired import em_by_type, paired_changes, pooled, question_types  # noqa: E402
 
 log = logging.getLogger("searche1.bench.ablation")
@@ -76,12 +77,11 @@ ABLATION_OVERRIDES = [
     # 2,000 questions: test split 400 (the --eval questions), dev 200 (OPSD validation), train 1,400
     "data.world.num_questions=2000",
     # the warm start of bench/grpo_learning.py: 300 oracle trajectories, lr 1e-4, batch 8, 1 epoch
-    "warmstart.num_examples=300", "warmstart.lr=1e-4", "warmstart.batch_size=8", "warmstart.epochs=1",
+    *WARMSTART_SETTINGS,
     # GRPO as the grpo_learning bench found it learns at this scale: lr 3e-5, 8 questions per step
     # drawn evenly from the 4 types (smoke.yaml's stratify_by), G = 5, T = 0.7, no KL, groups with
     # equal rewards left out (they carry no policy gradient)
-    "grpo.lr=3e-5", "grpo.questions_per_step=8", "grpo.kl_coef=0.0", "grpo.warmup_steps=0",
-    "rollout.group_size=5", "rollout.temperature=0.7",
+    *GRPO_SETTINGS,
     "rollout.questions_per_batch=64",    # greedy evaluation: 64 sequences in flight, not 16
     "train.micro_batch_size=2",
     # OPSD: K = 5 rollouts of 32 questions (= 4 GRPO steps of rollouts), 8 LoRA steps of 8 pairs,

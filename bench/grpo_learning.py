@@ -36,8 +36,7 @@ log = logging.getLogger("searche1.bench.grpo_learning")
 # What it took (see the note in the report): a higher lr than the paper's 1e-6 (a 135M model and
 # a handful of steps), groups with equal rewards left out of the update (they carry no policy
 # gradient; on 2 CPU cores they would double the train time), and a short response budget.
-BENCH_OVERRIDES = [
-    "run.name=bench-grpo-learning",
+GRPO_SETTINGS = [
     # What did not work (uniform question draw): lr 2e-5, EM 0.54 -> 0.56 in 4 steps; lr 5e-5,
     # 0.567 -> 0.650 (n=60, 4 steps) but on n=100 0.540 -> 0.500 (6 steps, T=1.0) and 0.540 ->
     # 0.520 (10 steps, T=0.7): single-hop rose (0.61 -> 0.92-0.97) while two-hop / bridge fell
@@ -59,9 +58,14 @@ BENCH_OVERRIDES = [
     "grpo.warmup_steps=0",
     "rollout.group_size=5",
     "rollout.temperature=0.7",
+]
+# the bench's own warm start (pinned: its cache key is these settings): 300 examples
+WARMSTART_SETTINGS = ["warmstart.num_examples=300", "warmstart.lr=1e-4", "warmstart.batch_size=8",
+                      "warmstart.epochs=1"]
+BENCH_OVERRIDES = [
+    "run.name=bench-grpo-learning", *GRPO_SETTINGS,
     "train.micro_batch_size=1",     # ~3 GiB per train rank: vLLM + retriever + 2 ranks fit beside others
-    # the bench's own warm start (pinned: its cache key is these settings): 300 examples
-    "warmstart.num_examples=300", "warmstart.lr=1e-4", "warmstart.batch_size=8", "warmstart.epochs=1",
+    *WARMSTART_SETTINGS,
 ]
 
 
