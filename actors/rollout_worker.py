@@ -45,6 +45,7 @@ log = logging.getLogger("searche1.rollout")
 
 _MAX_TASK_RETRIES = 2           # a batch whose task *raised* (not a dead worker) is retried
 _MAX_REPLACEMENTS = 8           # dead workers replaced per pool before giving up
+SCHEDULE_SETTINGS = ("loop", "max_inflight")   # per-call overrides beside LoopSettings' fields
 
 
 def _retrieve_fn(retriever: Any):
@@ -135,20 +136,31 @@ class RolloutWorker:
     def generate(self, questions: list[dict], n: int, temperature: float | None = None,
                  seed: int | None = None, overrides: dict | None = None) -> dict:
         """Roll out ``n`` samples of each question; returns ``{"rows": [...], "stats": {...}}``.
-        ``overrides`` replaces loop settings for this call (e.g. ``{"max_searches": 1}``)."""
+        ``overrides`` replaces loop settings for this call (e.g. ``{"max_searches": 1}``), and
+        may name the schedule (``loop``: async | rounds, ``max_inflight``)."""
         import dataclasses
 
-        from searche1_ray.engine.search_loop import LoopSettings, make_tasks, run_search_loop
+        from searche1_ray.engine.search_loop import (LoopSettings, make_tasks, run_search_loop,
+                                                     run_search_loop_async)
+        from searche1_ray.engine.vllm_engine import VllmTurnStream
 
         self._threads_here()
         t0 = time.perf_counter()
         tasks = make_tasks(questions, n, self.tokenizer, self.cfg.model.use_chat_template)
         settings = LoopSettings.from_config(self.cfg.rollout, self.cfg.retriever.topk,
                                             temperature, seed)
+        overrides = dict(overrides or {})
+        loop = overrides.pop("loop", self.cfg.rollout.loop)
+        max_inflight = int(overrides.pop("max_inflight", self.cfg.rollout.max_inflight))
         if overrides:
             settings = dataclasses.replace(settings, **overrides)
-        rows, stats = run_search_loop(tasks, self._generate, self._retrieve, self.tokenizer,
-                                      settings, self._version)
+        if loop == "async":
+            rows, stats = run_search_loop_async(tasks, VllmTurnStream(self.llm), self._retrieve,
+                                                self.tokenizer, settings, self._version,
+                                                max_inflight=max_inflight)
+        else:
+            rows, stats = run_search_loop(tasks, self._generate, self._retrieve, self.tokenizer,
+                                          settings, self._version)
         self.batches += 1
         stats["wall_s"] = time.perf_counter() - t0
         stats["trajectories"] = len(rows)
@@ -408,13 +420,16 @@ class RolloutPool:
         rows (ordered by question, then sample index). Blocks until every row is back.
         ``temperature`` None = ``rollout.temperature``; ``seed`` makes sampling reproducible per
         (question, sample, turn); keyword ``overrides`` change loop settings for this call
-        (``max_searches``, ``max_turn_tokens``, ``max_response_tokens``, ``topk``…);
+        (``max_searches``, ``max_turn_tokens``, ``max_response_tokens``, ``topk``…, and the
+        schedule: ``loop``, ``max_inflight``);
         ``questions_per_batch`` None = ``rollout.questions_per_batch``."""
         from searche1_ray.engine.search_loop import LoopSettings
-        bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(LoopSettings)})
+        allowed = [f.name for f in dataclasses.fields(LoopSettings)] + list(SCHEDULE_SETTINGS)
+        bad = sorted(set(overrides) - set(allowed))
         if bad:
-            raise TypeError(f"rollout: unknown loop setting(s) {bad}; allowed: "
-                            + ", ".join(f.name for f in dataclasses.fields(LoopSettings)))
+            raise TypeError(f"rollout: unknown loop setting(s) {bad}; allowed: " + ", ".join(allowed))
+        if overrides.get("loop", "async") not in ("async", "rounds"):
+            raise ValueError(f"rollout: loop must be 'async' or 'rounds', got {overrides['loop']!r}")
         ids = [str(q.get("id")) for q in questions]
         if len(set(ids)) != len(ids):
             dup = [i for i, c in Counter(ids).items() if c > 1][:3]

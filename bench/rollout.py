@@ -18,11 +18,21 @@ samplers; tokens/s is the like-for-like figure and the speedup uses it). Then we
 three, as a round does one per step) vs an engine restart (stop the workers, start new ones,
 load the same weights).
 
-Last lines: ``speedup_vs_hf=<pool tok/s / hf tok/s>`` (target ≥ 3) and
-``sync_vs_restart=<update s / restart s>`` (target ≤ 0.1).
+Schedules (``rollout.loop``): the pool's worker rolls out one batch of ``--questions`` × ``--n``
+trajectories, and one of twice that, with ``async`` (continuous batching: a turn joins vLLM's
+running batch as soon as its search returns) and with ``rounds`` (every round waits for its
+slowest turn and one retrieval call). For async it prints the mean decode batch (policy tokens
+per engine step) and the share of the memory-bound decode limit at that batch (bandwidth
+measured here ÷ the weights' bytes × batch). ``--policy`` loads a searching policy first (the
+base model rarely searches, and one-turn rollouts have nothing to schedule).
+
+Last lines: ``speedup_vs_hf=<pool tok/s / hf tok/s>`` (target ≥ 3),
+``sync_vs_restart=<update s / restart s>`` (target ≤ 0.1), ``async_vs_rounds_2x=`` and
+``async_vs_rounds=<async tok/s / rounds tok/s>`` at ``--questions`` (issue 18's target ≥ 1.5).
 
     python -m bench.rollout                                   # configs/smoke.yaml settings
     python -m bench.rollout --questions 8 --n 4 --set rollout.max_response_tokens=384
+    python -m bench.rollout --skip-hf --questions 8 --n 5 --policy ~/.cache/searche1_ray/warmstart/<key>
 """
 
 from __future__ import annotations
@@ -113,7 +123,53 @@ def _parse(argv=None):
     p.add_argument("--n", type=int, default=4, help="samples per question (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-hf", action="store_true", help="only the pool and weight sync")
+    p.add_argument("--policy", default=None, metavar="DIR",
+                   help="load this policy's safetensors into the engines first (e.g. a warm-start "
+                        "folder: the base model hardly searches, so its rollouts are one turn)")
+    p.add_argument("--skip-schedules", action="store_true",
+                   help="skip the async-vs-rounds comparison")
     return p.parse_args(argv)
+
+
+def _stream_gbps(threads: int) -> float:
+    """Memory read bandwidth of this process (GB/s): sum a 512 MiB fp32 tensor, best of 3."""
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.ones(128 << 20)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def schedules(pool, questions, n, seed, weight_bytes: int, gbps: float) -> dict:
+    """``rollout.loop`` async vs rounds on one worker batch of ``len(questions)`` and of twice
+    that: tokens/s of each (same questions, same seed; the order alternates so neither always
+    runs second). For async, the mean decode batch B = policy tokens / engine steps, and the
+    memory-bound decode limit at B = B x (bandwidth / weight bytes): each step reads every weight
+    once, so a batch of B sequences cannot decode faster than that."""
+    out: dict = {}
+    for scale in (1, 2):
+        qs = questions[:len(questions) * scale // 2]
+        row = {}
+        for loop in (("rounds", "async") if scale == 1 else ("async", "rounds")):
+            pool.generate(qs, n=n, seed=seed, loop=loop, questions_per_batch=len(qs))
+            st = pool.last_stats
+            row[loop] = {"tokens_per_s": st["tokens_per_s"], "wall_s": st["wall_s"],
+                         "policy_tokens": st["policy_tokens"], "steps": st["engine_rounds"],
+                         "retrieve_calls": st["engine_retrieve_calls"]}
+            log.info("schedule %s, %d trajectories: %s", loop, len(qs) * n, row[loop])
+        a = row["async"]
+        a["mean_batch"] = a["policy_tokens"] / max(1.0, a["steps"])
+        a["decode_limit"] = a["mean_batch"] * gbps * 1e9 / weight_bytes
+        a["limit_share"] = a["tokens_per_s"] / a["decode_limit"]
+        row["ratio"] = a["tokens_per_s"] / row["rounds"]["tokens_per_s"]
+        row["trajectories"] = len(qs) * n
+        out[f"x{scale}"] = row
+    return out
+
 
 
 def main(argv=None) -> dict:
@@ -141,8 +197,9 @@ def main(argv=None) -> dict:
                                     *args.set])
     r = cfg.rollout
     data = prepare_data(cfg)
-    questions = [dict(id=q["id"], question=q["question"], golden_answers=q["golden_answers"])
-                 for q in read_qa(data.train)[:args.questions]]
+    every = [dict(id=q["id"], question=q["question"], golden_answers=q["golden_answers"])
+             for q in read_qa(data.train)[:2 * args.questions]]
+    questions = every[:args.questions]
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
     tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     ray.init(address="local", num_cpus=max(8, (os.cpu_count() or 2) * 4), _temp_dir=tmp,
@@ -155,6 +212,9 @@ def main(argv=None) -> dict:
         # --- the pool ----------------------------------------------------------------------
         pool = RolloutPool(cfg, model_path, handle)
         pool.wait_ready(timeout_s=1800)
+        if args.policy:
+            pool.update_weights(str(Path(args.policy).expanduser()), 1)
+            res["policy"] = args.policy
         pool.generate(questions[:1], n=1, seed=args.seed)                 # warm-up
         rows = pool.generate(questions, n=args.n, seed=args.seed)
         st = pool.last_stats
@@ -163,6 +223,13 @@ def main(argv=None) -> dict:
         res["pool"] = {k: st[k] for k in ("wall_s", "policy_tokens", "tokens_per_s",
                                           "trajectories_per_s", "mean_searches", "mean_reward")}
         log.info("pool: %s", res["pool"])
+        # --- async vs rounds ----------------------------------------------------------------
+        if not args.skip_schedules:
+            wbytes = sum(f.stat().st_size for f in Path(args.policy or model_path).expanduser()
+                         .glob("*.safetensors"))
+            gbps = _stream_gbps(len(cpus))
+            res["schedules"] = schedules(pool, every, args.n, args.seed, wbytes, gbps)
+            res["schedules"].update(stream_gbps=gbps, weight_bytes=wbytes)
         # --- weight sync vs restart ---------------------------------------------------------
         sd = load_file(f"{model_path}/model.safetensors")
         # three in-place updates (a GRPO round does one per step): the first pays one-time costs
@@ -225,12 +292,27 @@ def main(argv=None) -> dict:
         print(f"hf:   {h['tokens_per_s']:.1f} tok/s, {h['trajectories_per_s']:.3f} traj/s "
               f"({h['policy_tokens']} policy tokens, {h['wall_s']:.1f}s)")
         print(f"traj_speedup_vs_hf={p['trajectories_per_s'] / h['trajectories_per_s']:.2f}")
+    if "schedules" in res:
+        sc = res["schedules"]
+        print(f"schedules (memory-bound limit: {sc['stream_gbps']:.1f} GB/s read, "
+              f"{sc['weight_bytes'] / 1e6:.0f} MB of weights per step):")
+        for key in ("x1", "x2"):
+            row = sc[key]
+            a, r_ = row["async"], row["rounds"]
+            print(f"  {row['trajectories']:4d} trajectories: rounds {r_['tokens_per_s']:.1f} tok/s "
+                  f"({r_['wall_s']:.0f}s), async {a['tokens_per_s']:.1f} tok/s ({a['wall_s']:.0f}s,"
+                  f" mean decode batch {a['mean_batch']:.1f}, {a['retrieve_calls']:.0f} retrieval "
+                  f"calls, {100 * a['limit_share']:.1f}% of the memory-bound limit "
+                  f"{a['decode_limit']:.0f} tok/s)")
     s = res["sync"]
     print(f"weight sync: in place {s['update_s']:.2f}s (median of {len(s['updates_s'])}: "
           f"{', '.join(f'{x:.2f}' for x in s['updates_s'])}), restart {s['restart_s']:.2f}s")
     if "hf" in res:
         print(f"speedup_vs_hf={p['tokens_per_s'] / res['hf']['tokens_per_s']:.2f}")
     print(f"sync_vs_restart={s['update_s'] / s['restart_s']:.3f}")
+    if "schedules" in res:
+        print(f"async_vs_rounds_2x={res['schedules']['x2']['ratio']:.2f}")
+        print(f"async_vs_rounds={res['schedules']['x1']['ratio']:.2f}")
     return res
 
 

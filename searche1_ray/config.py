@@ -104,6 +104,10 @@ class RolloutConfig:
     max_response_tokens: int = 1024  # all response tokens, retrieved included
     max_information_tokens: int = 400  # one <information> block is cut to this
     questions_per_batch: int = 8   # questions sent to one worker at a time
+    # async: each trajectory's next turn joins vLLM's running batch as soon as its search
+    # returns (continuous batching); rounds: every round waits for its slowest turn
+    loop: Literal["async", "rounds"] = "async"
+    max_inflight: int = 0          # async: trajectories started at once per worker (0 = all)
     kv_cache_gib: int = 1
     enforce_eager: bool = True
     in_process: bool = True        # vLLM V1 engine in the actor's process (fastest on CPU)
@@ -262,6 +266,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("rollout.max_turn_tokens", lambda v: v >= 1, ">= 1"),
     ("rollout.max_response_tokens", lambda v: v >= 1, ">= 1"),
     ("rollout.questions_per_batch", lambda v: v >= 1, ">= 1"),
+    ("rollout.max_inflight", lambda v: v >= 0, ">= 0 (0 = every trajectory of the batch)"),
     ("rollout.kv_cache_gib", lambda v: v >= 1, ">= 1 (whole GiB)"),
     ("rollout.tensor_parallel_size", lambda v: v >= 1, ">= 1"),
     ("rollout.num_cpus_per_worker", lambda v: v >= 0, ">= 0"),

@@ -15,6 +15,13 @@ For a batch of trajectories (questions × samples), one *round* is:
     3. all queries of the round go to ``retrieve`` in ONE call; each gets its
        ``<information>`` block, cut to ``max_information_tokens`` (closing tag kept).
 
+That is the ``rounds`` schedule (:func:`run_search_loop`): every round waits for its slowest
+turn and for one retrieval call, so the batch drains as turns finish. The ``async`` schedule
+(:func:`run_search_loop_async`, ``rollout.loop: async``) applies the same rules per trajectory
+on a continuous-batching back end: a finished turn is parsed at once, its query joins the next
+retrieval call (run beside the engine, so calls group themselves), and its next turn joins the
+running batch as soon as the results are in. Both give rows of the same structure.
+
 A forced turn (after FORCE_ANSWER_TEXT, which ends in ``<answer>``) stops only at
 ``</answer>``; whatever it writes ends the trajectory ("forced_answer", or "no_answer" when it
 never closes the tag). The whole response — policy and observation tokens — is capped at
@@ -39,7 +46,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from searche1_ray import rewards, trajectory
 
@@ -179,53 +186,121 @@ def _seed(settings: LoopSettings, task: Task, turn: int) -> int | None:
     return zlib.crc32(f"{settings.seed}/{task.question_id}/{task.sample_idx}/{turn}".encode())
 
 
+class _Turns:
+    """The per-trajectory rules of the loop, shared by both schedules: what a trajectory asks the
+    back end next, what a finished turn does to it, what its search results do to it."""
+
+    def __init__(self, tokenizer: Any, settings: LoopSettings):
+        self.tok = tokenizer
+        self.s = settings
+        self.invalid_ids = _encode(tokenizer, trajectory.INVALID_ACTION_TEXT)
+        self.force_ids = _encode(tokenizer, trajectory.FORCE_ANSWER_TEXT)
+        self.stats: dict[str, float] = {
+            "rounds": 0, "generate_s": 0.0, "retrieve_s": 0.0, "retrieve_calls": 0,
+            "queries": 0, "policy_tokens": 0, "observation_tokens": 0, "invalid_turns": 0,
+            "forced": 0}
+
+    def room(self, st: _State) -> int:
+        return self.s.max_response_tokens - len(st.ids)
+
+    def request(self, st: _State) -> TurnRequest:
+        s = self.s
+        return TurnRequest(prompt_ids=st.task.prompt_ids + st.ids,
+                           max_tokens=min(s.max_turn_tokens, self.room(st)),
+                           stop=("</answer>",) if st.forced else trajectory.STOP_STRINGS,
+                           temperature=s.temperature, top_p=s.top_p,
+                           seed=_seed(s, st.task, st.turns))
+
+    def observe(self, st: _State, ids: list[int]) -> bool:
+        # an observation is appended only if a policy turn still fits after it
+        if len(ids) >= self.room(st):
+            st.done, st.finish_reason = True, "length"
+            return False
+        st.add(ids, _decode(self.tok, ids), by_policy=False)
+        self.stats["observation_tokens"] += len(ids)
+        return True
+
+    def force(self, st: _State) -> None:
+        st.forced = True
+        self.stats["forced"] += 1
+        self.observe(st, self.force_ids)
+        if not st.done:
+            st.answer_view.append(st.texts[-1])
+
+    def take_turn(self, st: _State, out: TurnOutput) -> str | None:
+        """Apply one generated turn; returns the search query when the trajectory now waits for
+        the retriever, else None (it is done, or its next turn can be requested at once)."""
+        s = self.s
+        ids = list(out.token_ids)
+        lps = list(out.logprobs)
+        if len(lps) != len(ids):
+            raise RuntimeError(f"rollout: {len(ids)} tokens but {len(lps)} log-probs from the "
+                               "generator (ask for the sampled token's log-prob)")
+        text = _decode(self.tok, ids)
+        st.add(ids, text, by_policy=True, logprobs=lps)
+        st.turns += 1
+        self.stats["policy_tokens"] += len(ids)
+        action = trajectory.parse_action(text)
+        if st.forced:
+            st.done = True
+            st.finish_reason = "forced_answer" if "</answer>" in text else (
+                "length" if self.room(st) <= 0 else "no_answer")
+            return None
+        if action.kind == "answer":
+            st.done, st.finish_reason = True, "answer"
+            return None
+        if self.room(st) <= 0:
+            st.done, st.finish_reason = True, "length"
+            return None
+        last_turn = st.turns >= s.turn_limit - 1
+        if action.kind == "search" and action.content:
+            if st.num_searches < s.max_searches and not last_turn:
+                return action.content
+            self.force(st)
+            return None
+        self.stats["invalid_turns"] += 1
+        if last_turn:
+            self.force(st)
+        else:
+            self.observe(st, self.invalid_ids)
+        return None
+
+    def take_hits(self, st: _State, query: str, hits: Sequence[Any]) -> None:
+        # a search counts once its results are in the context (not when they did not fit)
+        if self.observe(st, information_ids(self.tok, hits, self.s.max_information_tokens)):
+            st.num_searches += 1
+            st.queries.append(query)
+
+    def retrieve(self, retrieve: RetrieveFn, queries: list[str]) -> list[list[Any]]:
+        t0 = time.perf_counter()
+        hits = retrieve(queries, self.s.topk)
+        self.stats["retrieve_s"] += time.perf_counter() - t0
+        self.stats["retrieve_calls"] += 1
+        self.stats["queries"] += len(queries)
+        if len(hits) != len(queries):
+            raise RuntimeError(f"rollout: the retriever returned {len(hits)} hit lists for "
+                               f"{len(queries)} queries")
+        return hits
+
+
 def run_search_loop(tasks: Sequence[Task], generate: GenerateFn, retrieve: RetrieveFn,
                     tokenizer: Any, settings: LoopSettings, policy_version: int = 0
                     ) -> tuple[list[dict], dict[str, float]]:
-    """Roll out every task to the end; return (rows in task order, stats).
+    """Roll out every task to the end in synchronous rounds; return (rows in task order, stats).
 
     ``generate`` gets all pending turns of a round at once (one engine call per round);
     ``retrieve(queries, topk)`` gets all queries of a round at once. Rows follow the rollout
     row contract (DESIGN / team brief): ids, text, loss mask, log-probs, searches, reward…
     """
-    s = settings
     states = [_State(t) for t in tasks]
-    invalid_ids = _encode(tokenizer, trajectory.INVALID_ACTION_TEXT)
-    force_ids = _encode(tokenizer, trajectory.FORCE_ANSWER_TEXT)
-    stats = {"rounds": 0, "generate_s": 0.0, "retrieve_s": 0.0, "retrieve_calls": 0,
-             "queries": 0, "policy_tokens": 0, "observation_tokens": 0, "invalid_turns": 0,
-             "forced": 0}
-
-    def room(st: _State) -> int:
-        return s.max_response_tokens - len(st.ids)
-
-    def observe(st: _State, ids: list[int]) -> bool:
-        # an observation is appended only if a policy turn still fits after it
-        if len(ids) >= room(st):
-            st.done, st.finish_reason = True, "length"
-            return False
-        st.add(ids, _decode(tokenizer, ids), by_policy=False)
-        stats["observation_tokens"] += len(ids)
-        return True
-
-    def force(st: _State) -> None:
-        st.forced = True
-        stats["forced"] += 1
-        observe(st, force_ids)
-        if not st.done:
-            st.answer_view.append(st.texts[-1])
-
+    turns = _Turns(tokenizer, settings)
+    stats = turns.stats
     while True:
         active = [st for st in states if not st.done]
         if not active:
             break
         stats["rounds"] += 1
-        requests = [TurnRequest(prompt_ids=st.task.prompt_ids + st.ids,
-                                max_tokens=min(s.max_turn_tokens, room(st)),
-                                stop=("</answer>",) if st.forced else trajectory.STOP_STRINGS,
-                                temperature=s.temperature, top_p=s.top_p,
-                                seed=_seed(s, st.task, st.turns))
-                    for st in active]
+        requests = [turns.request(st) for st in active]
         t0 = time.perf_counter()
         outputs = generate(requests)
         stats["generate_s"] += time.perf_counter() - t0
@@ -234,54 +309,103 @@ def run_search_loop(tasks: Sequence[Task], generate: GenerateFn, retrieve: Retri
                                f"{len(requests)} requests")
         searching: list[tuple[_State, str]] = []
         for st, out in zip(active, outputs):
-            ids = list(out.token_ids)
-            lps = list(out.logprobs)
-            if len(lps) != len(ids):
-                raise RuntimeError(f"rollout: {len(ids)} tokens but {len(lps)} log-probs from the "
-                                   "generator (ask for the sampled token's log-prob)")
-            text = _decode(tokenizer, ids)
-            st.add(ids, text, by_policy=True, logprobs=lps)
-            st.turns += 1
-            stats["policy_tokens"] += len(ids)
-            action = trajectory.parse_action(text)
-            if st.forced:
-                st.done = True
-                st.finish_reason = "forced_answer" if "</answer>" in text else (
-                    "length" if room(st) <= 0 else "no_answer")
-                continue
-            if action.kind == "answer":
-                st.done, st.finish_reason = True, "answer"
-                continue
-            if room(st) <= 0:
-                st.done, st.finish_reason = True, "length"
-                continue
-            last_turn = st.turns >= s.turn_limit - 1
-            if action.kind == "search" and action.content:
-                if st.num_searches < s.max_searches and not last_turn:
-                    searching.append((st, action.content))
-                else:
-                    force(st)
-                continue
-            stats["invalid_turns"] += 1
-            if last_turn:
-                force(st)
-            else:
-                observe(st, invalid_ids)
+            query = turns.take_turn(st, out)
+            if query is not None:
+                searching.append((st, query))
         if searching:
-            queries = [q for _, q in searching]
-            t0 = time.perf_counter()
-            hits = retrieve(queries, s.topk)
-            stats["retrieve_s"] += time.perf_counter() - t0
-            stats["retrieve_calls"] += 1
-            stats["queries"] += len(queries)
-            if len(hits) != len(queries):
-                raise RuntimeError(f"rollout: the retriever returned {len(hits)} hit lists for "
-                                   f"{len(queries)} queries")
+            hits = turns.retrieve(retrieve, [q for _, q in searching])
             for (st, q), h in zip(searching, hits):
-                # a search counts once its results are in the context (not when they did not fit)
-                if observe(st, information_ids(tokenizer, h, s.max_information_tokens)):
-                    st.num_searches += 1
-                    st.queries.append(q)
+                turns.take_hits(st, q, h)
+    rows = [_row(st, policy_version) for st in states]
+    return rows, stats
+
+
+class TurnStream(Protocol):
+    """A back end that takes turns one at a time and runs them in one continuous batch (vLLM's
+    engine loop): ``submit`` queues a turn under a key, ``step`` advances the batch once and
+    returns the turns that finished, ``pending`` counts the turns not yet returned, ``abort``
+    drops them all."""
+
+    def submit(self, key: int, request: TurnRequest) -> None: ...
+    def step(self) -> list[tuple[int, TurnOutput]]: ...
+    def pending(self) -> int: ...
+    def abort(self) -> None: ...
+
+
+def run_search_loop_async(tasks: Sequence[Task], stream: TurnStream, retrieve: RetrieveFn,
+                          tokenizer: Any, settings: LoopSettings, policy_version: int = 0,
+                          max_inflight: int = 0) -> tuple[list[dict], dict[str, float]]:
+    """Roll out every task to the end with no rounds; same rows and rules as
+    :func:`run_search_loop`.
+
+    Each trajectory runs its own turn → search → turn sequence: a finished turn is parsed at
+    once; a search query joins the next retrieval call, which runs in a helper thread while the
+    engine keeps stepping (queries that arrive meanwhile wait for the following call, so calls
+    batch themselves); the trajectory's next turn enters the running batch as soon as its
+    results are in. At most ``max_inflight`` trajectories are started at a time (0 = all), the
+    others start as those finish. ``stats["rounds"]`` counts engine steps here.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    states = [_State(t) for t in tasks]
+    turns = _Turns(tokenizer, settings)
+    stats = turns.stats
+    stats.update(inflight_sum=0.0)
+    waiting = deque(range(len(states)))
+    live = 0                                    # started, not done
+    queued: list[tuple[int, str]] = []          # searches waiting for the next retrieval call
+    running = None                              # (future, [(key, query)]) of the call in flight
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve")
+
+    def submit(key: int) -> None:
+        stream.submit(key, turns.request(states[key]))
+
+    def finished(key: int) -> None:
+        nonlocal live
+        if states[key].done:
+            live -= 1
+        else:
+            submit(key)
+
+    try:
+        while True:
+            while waiting and (max_inflight <= 0 or live < max_inflight):
+                key = waiting.popleft()
+                live += 1
+                submit(key)
+            if running is None and queued:
+                batch, queued = queued, []
+                running = (pool.submit(turns.retrieve, retrieve, [q for _, q in batch]), batch)
+            if running is not None and (running[0].done() or stream.pending() == 0):
+                future, batch = running
+                running = None
+                for (key, q), h in zip(batch, future.result()):
+                    turns.take_hits(states[key], q, h)
+                    finished(key)
+                continue
+            if stream.pending() == 0:
+                if live == 0 and not waiting:
+                    break
+                raise RuntimeError(f"rollout: {live} trajectories neither in the engine nor "
+                                   "waiting for the retriever (a bug in the loop)")
+            stats["rounds"] += 1
+            stats["inflight_sum"] += stream.pending()
+            t0 = time.perf_counter()
+            done = stream.step()
+            stats["generate_s"] += time.perf_counter() - t0
+            for key, out in done:
+                query = turns.take_turn(states[key], out)
+                if query is not None:
+                    queued.append((key, query))
+                else:
+                    finished(key)
+    except BaseException:
+        stream.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    stats["mean_inflight"] = stats.pop("inflight_sum") / max(1, stats["rounds"])
     rows = [_row(st, policy_version) for st in states]
     return rows, stats
 

