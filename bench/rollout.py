@@ -30,6 +30,18 @@ Last lines: ``speedup_vs_hf=<pool tok/s / hf tok/s>`` (target ≥ 3),
 ``sync_vs_restart=<update s / restart s>`` (target ≤ 0.1), ``async_vs_rounds_2x=`` and
 ``async_vs_rounds=<async tok/s / rounds tok/s>`` at ``--questions`` (issue 18's target ≥ 1.5).
 
+Measured (2026-12-07, AVX2 EPYC, fp32, smoke settings, the 2026-12-06 warm-start policy,
+``--skip-hf --questions 8 --n 5``): pool 53.2 tok/s (40 trajectories, 1.8 searches each);
+40 trajectories rounds 54.5 tok/s (94 s) vs async 51.6 tok/s (92 s, mean decode batch 13.2,
+38 retrieval calls); 80 trajectories rounds 67.0 tok/s (171 s) vs async 62.6 tok/s (161 s,
+batch 36.6) → ``async_vs_rounds=0.95``, ``async_vs_rounds_2x=0.93`` (by wall time per
+trajectory async is 2-6 % ahead: the samplers drew different lengths); 3-8 % of the
+memory-bound limit (27.5 GB/s, 538 MB of fp32 weights). On this CPU the engine is compute-bound
+per token (see ../shared/MEASURED.md: ~50-90 ms per step at batch 1, context-length-bound
+attention, prefill of the retrieved text), so idle tails are not what limits a round; in the
+slow test at 6 trajectories async was 38 vs 22 tok/s. In-place sync 2.0 s vs restart 16.4 s
+(``sync_vs_restart=0.123``).
+
     python -m bench.rollout                                   # configs/smoke.yaml settings
     python -m bench.rollout --questions 8 --n 4 --set rollout.max_response_tokens=384
     python -m bench.rollout --skip-hf --questions 8 --n 5 --policy ~/.cache/searche1_ray/warmstart/<key>
