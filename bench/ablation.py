@@ -129,6 +129,8 @@ def arm_key(cfg, args, name: str) -> str:
 
     d = cfg.to_dict()
     base = {k: d[k] for k in ("model", "data", "retriever", "rollout", "train", "warmstart", "grpo")}
+    # how the rollout is scheduled (async / rounds, in-flight cap) does not change what is sampled
+    base["rollout"] = {k: v for k, v in base["rollout"].items() if k not in ("loop", "max_inflight")}
     base.update(seed=d["run"]["seed"], grpo_steps=args.grpo_steps, warm=args.warmstart_dir or "", version=1)
     if name == "warm start":  # the cached policy (warmstart, max_seq_len) and its greedy evaluation
         blob: dict = {k: base[k] for k in ("model", "data", "warmstart", "warm", "rollout", "retriever", "train")}

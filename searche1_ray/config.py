@@ -194,6 +194,11 @@ class OPSDConfig:
     # what the teacher reads of the reference (Eq. 4): "full" = its whole response, retrieved
     # <information> blocks included (the paper); "policy_text" = without them (shorter prompts)
     teacher_reference: Literal["full", "policy_text"] = "full"
+    # weight of the student's action tokens — the content of its <search>…</search> queries and
+    # <answer>…</answer> — against its other policy tokens in each trajectory's Eq. 7 mean
+    # (1 = the paper: every policy token the same). bench/opsd_signal.py found 99.8 % of the
+    # KL on thinking / query wording and 0.2 % on the answer, where the teacher's correction is
+    action_weight: float = 1.0
     teacher_template: str = (
         "{instruction} Question: {question}\n\n"
         "Here is a reference solution that reached the correct answer:\n{reference}\n\n"
@@ -297,6 +302,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("opsd.num_references", lambda v: v >= 1, ">= 1"),
     ("opsd.questions_per_round", lambda v: v >= 0, ">= 0 (0 = every training question)"),
     ("opsd.tau_clip", lambda v: v > 0, "> 0"),
+    ("opsd.action_weight", lambda v: v > 0, "> 0 (1 = every policy token the same, as in the paper)"),
     ("opsd.lora_r", lambda v: v >= 1, ">= 1"),
     ("opsd.lora_alpha", lambda v: v > 0, "> 0"),
     ("opsd.lr", lambda v: v > 0, "> 0"),

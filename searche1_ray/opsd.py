@@ -151,9 +151,8 @@ def clipped_forward_kl(
     term = log_pt.exp() * (log_pt - log_ps)
     per_position = term.clamp(max=tau_clip).sum(dim=-1)
     keep = mask.bool()
-    m = keep.to(dtype)
-    count = m.sum().clamp(min=1.0)
-    weight = position_weights(keep, agg).to(dtype)
+    count = keep.to(dtype).sum().clamp(min=1.0)
+    weight = position_weights(mask, agg).to(dtype)
     loss = (per_position * weight).sum()
     if not return_stats:
         return loss
@@ -169,9 +168,10 @@ def clipped_forward_kl(
 def position_weights(mask: Tensor, agg: str = "token_mean") -> Tensor:
     """Weight of each ``[B, T]`` position in Eq. 7's mean (0 off the mask; the weights sum to 1,
     or to 0 for an all-masked batch): 1/|M| for ``token_mean``; 1/(|B'|·|R_b|) for ``seq_mean``,
-    B' = the rows with at least one mask-1 position."""
-    keep = mask.bool()
-    m = keep.to(torch.float64)
+    B' = the rows with at least one mask-1 position. A mask with values other than 0/1 (e.g.
+    ``opsd.action_weight`` on action tokens) weighs each position by its value in those means:
+    m / Σm, and per row m_bt / Σ_t m_bt / |B'|."""
+    m = mask.to(torch.float64).clamp(min=0.0)
     if agg == "token_mean":
         return m / m.sum().clamp(min=1.0)
     if agg == "seq_mean":

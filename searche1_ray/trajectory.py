@@ -128,6 +128,27 @@ def search_queries(response: str) -> list[str]:
     return [m.strip() for m in _SEARCH_RE.findall(strip_information(response))]
 
 
+def action_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the *content* of every ``<search>…</search>`` and ``<answer>…</answer>``
+    in ``text`` (the actions; tags excluded), in order."""
+    spans = [(m.start(1), m.end(1)) for r in (_SEARCH_RE, _ANSWER_RE) for m in r.finditer(text)]
+    return sorted(spans)
+
+
+def action_token_positions(pieces: list[str]) -> list[int]:
+    """Indices of the tokens (given as their decoded texts, in order) that overlap an action
+    span of their concatenation with at least one non-blank character."""
+    text = "".join(pieces)
+    spans = action_spans(text)
+    out, pos = [], 0
+    for i, piece in enumerate(pieces):
+        a, b = pos, pos + len(piece)
+        pos = b
+        if any(text[max(a, s_):min(b, e)].strip() for s_, e in spans):
+            out.append(i)
+    return out
+
+
 def split_passage(contents: str) -> tuple[str, str]:
     """wiki-18 ``contents`` is ``"Title"\\ntext``: return (title without quotes, text)."""
     head, _, body = (contents or "").partition("\n")

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from searche1_ray.config import Config
 from searche1_ray.opsd import clipped_forward_kl, clipped_forward_kl_lean
-from searche1_ray.trajectory import INSTRUCTION, information_texts, shorten_information
+from searche1_ray.trajectory import (INSTRUCTION, action_token_positions, information_texts,
+                                    shorten_information)
 
 from searche1_ray.training.tasks import TrainTask
 
@@ -140,6 +141,8 @@ def make_sample(pair: dict[str, Any], tokenizer: Any, cfg: Config) -> dict[str, 
     student input fits in ``train.max_seq_len``; the teacher prompt is cut to ``max_seq_len - 8``),
     ``input_ids`` (= the student input, which the
     runner sorts micro-batches by) and ``question_id``; None when no policy-written token is left.
+    With ``opsd.action_weight`` w ≠ 1 the policy tokens inside the student's ``<search>`` queries
+    and ``<answer>`` get loss-mask value w (a weight in Eq. 7's per-trajectory mean) instead of 1.
     """
     max_len = cfg.train.max_seq_len
     response = [int(t) for t in pair["response_ids"]]
@@ -157,6 +160,13 @@ def make_sample(pair: dict[str, Any], tokenizer: Any, cfg: Config) -> dict[str, 
     response, mask = response[:keep], mask[:keep]
     if not any(mask):
         return None
+    w = float(cfg.opsd.action_weight)
+    if w != 1.0:   # the action tokens weigh w in the trajectory's mean (opsd.action_weight)
+        pieces = [tokenizer.decode([t]) for t in response]  # per token: exact for ASCII text
+        mask = [float(m) for m in mask]
+        for i in action_token_positions(pieces):
+            if mask[i]:
+                mask[i] = w
     return {"question_id": str(pair.get("question_id", "")), "input_ids": student_prompt + response,
             "student_prompt_ids": student_prompt, "teacher_prompt_ids": teacher_prompt,
             "response_ids": response, "loss_mask": mask}

@@ -374,3 +374,44 @@ def test_seq_mean_differs_from_token_mean_and_rejects_unknown_agg():
     assert seq.item() == pytest.approx(kl_row0.item() / 2)       # 1 of 2 trajectories
     with pytest.raises(ValueError, match="agg"):
         clipped_forward_kl(s, t, mask, agg="sum")
+
+
+# ------------------------------------------------- weighted positions (opsd.action_weight)
+
+
+def _ref_kl_weighted(student_logits, teacher_logits, weights, tau, agg):
+    """Slowly: Σ_bt w_bt·KL_bt / Σ w (token_mean), or per row Σ_t w_bt·KL_bt / Σ_t w_bt, then the
+    mean over rows with any weight (seq_mean)."""
+    b, t, v = student_logits.shape
+
+    def kl(i, j):
+        ls = torch.log_softmax(student_logits[i, j], -1)
+        lt = torch.log_softmax(teacher_logits[i, j].detach(), -1)
+        return sum(torch.clamp(lt[k].exp() * (lt[k] - ls[k]), max=tau) for k in range(v))
+
+    if agg == "token_mean":
+        num = sum(weights[i][j] * kl(i, j) for i in range(b) for j in range(t) if weights[i][j])
+        return num / sum(float(w) for row in weights for w in row)
+    rows = [sum(weights[i][j] * kl(i, j) for j in range(t) if weights[i][j]) / float(sum(weights[i]))
+            for i in range(b) if sum(weights[i]) > 0]
+    return sum(rows) / len(rows)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(["token_mean", "seq_mean"]), st.sampled_from([1, 3]))
+def test_weighted_mask_direct_and_lean_match_the_weighted_loop(seed, agg, chunk):
+    hs, ht, w, mask = _inputs(seed, b=3, t=4)
+    mask[0, 0] = True
+    weights = mask.to(torch.float64)
+    weights[mask & (torch.arange(4) % 2 == 0)] = 5.0        # some policy tokens weigh 5
+    s_logits = (hs @ w.T).requires_grad_()
+    ref = _ref_kl_weighted(s_logits, ht @ w.T, weights.tolist(), 10.0, agg)
+    loss = clipped_forward_kl(s_logits, ht @ w.T, weights, 10.0, agg=agg)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-10)
+    assert torch.allclose(torch.autograd.grad(loss, s_logits)[0],
+                          torch.autograd.grad(ref, s_logits)[0], atol=1e-10)
+    lean = clipped_forward_kl_lean(hs, ht, w, weights, 10.0, chunk_size=chunk, agg=agg)
+    assert lean.item() == pytest.approx(ref.item(), abs=1e-10)
+    # all-ones weights are the binary mask exactly
+    assert clipped_forward_kl(s_logits, ht @ w.T, mask.to(torch.float64), 10.0, agg=agg).item() == \
+        pytest.approx(clipped_forward_kl(s_logits, ht @ w.T, mask, 10.0, agg=agg).item(), abs=1e-12)

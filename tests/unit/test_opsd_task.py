@@ -434,3 +434,26 @@ def test_padding_micro_batch_runs_on_the_shortest_row():
     from searche1_ray.training.tasks import shortest_row
 
     assert shortest_row([{"input_ids": [0] * 5}, {"input_ids": [0] * 2}, {"input_ids": [0] * 3}]) == 1
+
+
+def test_make_sample_weighs_action_tokens_with_opsd_action_weight():
+    tok = CharTokenizer()
+    text = "<think>hm</think><search> gate </search>\n\n<information>x</information>\n\n<answer> Tom </answer>"
+    ids = [ord(c) for c in text]
+    info = text.index("\n\n<information>"), text.index("</information>\n\n") + len("</information>\n\n")
+    mask = [0 if info[0] <= i < info[1] else 1 for i in range(len(ids))]
+    pair = dict(_pair(), response_ids=ids, loss_mask=mask)
+    plain = make_sample(pair, tok, load_config(None, ["model.use_chat_template=false"]))
+    assert plain["loss_mask"] == mask                       # the paper: every policy token 1
+    s = make_sample(pair, tok, load_config(None, ["model.use_chat_template=false",
+                                                  "opsd.action_weight=4"]))
+    weighted = {i for i, m in enumerate(s["loss_mask"]) if m == 4.0}
+    # the non-blank characters of the query and of the answer, nothing else
+    expect = {i for i, c in enumerate(text) if c.strip() and (
+        text.index("<search>") + 8 <= i < text.index("</search>")
+        or text.index("<answer>") + 8 <= i < text.index("</answer>"))}
+    assert weighted == expect
+    assert all(m == (0.0 if not mask[i] else 4.0 if i in expect else 1.0)
+               for i, m in enumerate(s["loss_mask"]))
+    with pytest.raises(ValueError, match="opsd.action_weight"):
+        load_config(None, ["opsd.action_weight=0"])

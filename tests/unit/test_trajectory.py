@@ -88,3 +88,14 @@ def test_policy_token_ids_rejects_misaligned():
     import pytest
     with pytest.raises(ValueError, match="3 token ids but 2 mask entries"):
         T.policy_token_ids([1, 2, 3], [1, 0])
+
+
+def test_action_token_positions_are_the_query_and_answer_content():
+    from searche1_ray.trajectory import action_spans, action_token_positions
+
+    pieces = ["<think>", "a", "</think>", "<search>", " Iron", " Gate", " </search>", "\n\n",
+              "<answer>", " Tom", " ", "</answer>"]
+    assert action_token_positions(pieces) == [4, 5, 9]      # the blank " " is not counted
+    text = "".join(pieces)
+    assert [text[a:b] for a, b in action_spans(text)] == [" Iron Gate ", " Tom "]
+    assert action_token_positions(["no", " tags"]) == []
