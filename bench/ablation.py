@@ -46,6 +46,12 @@ What each lever did (record here; EM points on the --eval questions):
     pool drew 10 pairs this time (the CPU engine drops per-request seeds, so pools differ between
     runs), KL 0.101 -> 0.039, dev EM 0.542 -> 0.417 -> 0.417: distilling towards the teacher
     cost 3 of 24 dev questions; validation again kept step 0 (G+O = G). 11.7 min in all.
+  - 2026-12-07, same machine and settings (G, G+G reused), lever opsd.action_weight=10 (the
+    student's query and answer tokens weigh 10x in each trajectory's mean: bench/opsd_signal.py
+    had found 0.2 % of the KL on the answer while the teacher's golden-answer log-prob led the
+    student's by +1.4 nats/token), opsd.lr 5e-4, 4 steps: 9 pairs (6 incorrect students), KL
+    0.117 -> 0.047, dev EM 0.542 -> 0.500 -> 0.458: worse than the paper weighting at the same
+    lr (0.500 at step 4); validation kept step 0 (G+O = G). 11 min.
 """
 
 from __future__ import annotations
