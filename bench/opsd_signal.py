@@ -34,7 +34,7 @@ lever run (``ablation-s8``, OPSD lr 1e-3, which did not raise dev EM), policy = 
 
 The teacher does know more where it matters: on the golden answer after the student's own
 (wrong) prefix it gains +1.40 nats per token over the student (6 of 10 pairs; on the two bridge
-pairs ~+6.8), and it predicts the reference's queries better. But that correction carries 0.2 %
+pairs +6.6 and +7.1), and it predicts the reference's queries better. But that correction carries 0.2 %
 of the loss: 99.8 % of Σ_v P_T log(P_T/P_S) sits on the student's thinking and query text,
 where the two prompts just make the model write differently. Eq. 7 averages over every policy
 token, so a few steps move the style and leave the answers — what the report saw (KL 0.10 →
