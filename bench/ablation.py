@@ -52,6 +52,11 @@ What each lever did (record here; EM points on the --eval questions):
     student's by +1.4 nats/token), opsd.lr 5e-4, 4 steps: 9 pairs (6 incorrect students), KL
     0.117 -> 0.047, dev EM 0.542 -> 0.500 -> 0.458: worse than the paper weighting at the same
     lr (0.500 at step 4); validation kept step 0 (G+O = G). 11 min.
+  - 2026-12-07, same, lever opsd.questions_per_round=48 (paper weighting, lr 5e-4, 4 steps of 8
+    pairs): 240 pool rollouts in 376 s (reward 0.317), 32 pairs (28 incorrect students, 16
+    questions without a correct rollout), KL 0.295 -> 0.175 -> 0.102 -> 0.152 (a new batch each
+    step), clip fraction ~1e-7, dev EM 0.542 -> 0.500 -> 0.500; validation kept step 0. Stopped
+    after the OPSD round (G+G would have rerun for the larger budget). 14 min.
 """
 
 from __future__ import annotations
