@@ -27,10 +27,10 @@ lever run (``ablation-s8``, OPSD lr 1e-3, which did not raise dev EM), policy = 
 
     | type | pairs | ref query T / S | ref answer T / S | gold answer T / S | KL | KL on answer |
     | all        | 10 | -0.007 / -0.075 | -0.003 / -0.003 | -1.42 / -2.82 | 0.118 | 0.2 % |
-    | single_hop |  6 | -0.006 / -0.031 | -0.004 / -0.003 | -0.76 / -0.76 | 0.114 | 0.3 % |
+    | single_hop |  6 | -0.006 / -0.031 | -0.004 / -0.003 | -0.76 / -0.76 | 0.114 | 0.2 % |
     | bridge     |  2 | -0.011 / -0.153 | -0.001 / -0.003 | -2.38 / -9.19 | 0.165 | 0.1 % |
     | comparison |  1 | -0.007 / -0.225 | -0.003 / -0.005 | -3.42 / -2.83 | 0.075 | 0.1 % |
-    | two_hop    |  1 | -0.004 / -0.035 | -0.000 / -0.000 | -1.49 / -2.40 | 0.094 | 0.0 % |
+    | two_hop    |  1 | -0.004 / -0.035 | -0.000 / -0.000 | -1.49 / -2.40 | 0.094 | 0.1 % |
 
 The teacher does know more where it matters: on the golden answer after the student's own
 (wrong) prefix it gains +1.40 nats per token over the student (6 of 10 pairs; on the two bridge
@@ -49,16 +49,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-_SPAN_RE = {"query": re.compile(r"<search>(.*?)</search>", re.S),
-            "answer": re.compile(r"<answer>(.*?)</answer>", re.S)}
-
 
 def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -73,14 +68,12 @@ def _parse(argv=None):
     return p.parse_args(argv)
 
 
-def span_positions(text: str, offsets, kind: str) -> list[int]:
-    """Token indices whose characters fall inside the ``kind`` spans' content of ``text``."""
-    spans = [(m.start(1), m.end(1)) for m in _SPAN_RE[kind].finditer(text)]
-    out = []
-    for i, (a, b) in enumerate(offsets):
-        if b > a and any(a >= s and b <= e and text[a:b].strip() for s, e in spans):
-            out.append(i)
-    return out
+def action_positions(tok, ids: list[int], kind: str) -> list[int]:
+    """Indices of ``ids`` inside the content of their ``<search>`` (``kind="query"``) or
+    ``<answer>`` spans: the rule ``opsd.action_weight`` applies in training (per-token decoding)."""
+    from searche1_ray.trajectory import action_token_positions
+    return action_token_positions([tok.decode([t]) for t in ids],
+                                  ("search",) if kind == "query" else ("answer",))
 
 
 def token_logprobs(model, prompt_ids: list[int], response_ids: list[int]):
@@ -112,12 +105,11 @@ def pair_signal(pair: dict, model, tok, cfg) -> dict:
                  "student_reward": pair.get("student_reward"), "teacher_prompt_tokens": len(p_t)}
     # (1) the reference's own query / answer tokens under both contexts
     ref = str(pair["reference_responses"][0])
-    enc = tok(ref, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])[:cfg.train.max_seq_len]
+    ids = tok(ref, add_special_tokens=False)["input_ids"][:cfg.train.max_seq_len]
     lt, _ = token_logprobs(model, p_t, ids)
     ls, _ = token_logprobs(model, p_s, ids)
     for kind in ("query", "answer"):
-        pos = [i for i in span_positions(ref, enc["offset_mapping"], kind) if i < len(ids)]
+        pos = action_positions(tok, ids, kind)
         out[f"ref_{kind}_teacher"] = _mean([float(lt[i]) for i in pos]) if pos else None
         out[f"ref_{kind}_student"] = _mean([float(ls[i]) for i in pos]) if pos else None
     # (2) the golden answer where the student opens <answer>
@@ -142,9 +134,7 @@ def pair_signal(pair: dict, model, tok, cfg) -> dict:
     pol = [i for i, m in enumerate(mask) if m]
     out["kl_mean"] = float(kl[pol].mean()) if pol else None
     out["kl_max"] = float(kl[pol].max()) if pol else None
-    ans = [i for i in span_positions(tok.decode(resp), tok(tok.decode(resp), add_special_tokens=False,
-                                                          return_offsets_mapping=True)["offset_mapping"],
-                                     "answer") if i < len(resp) and mask[i]]
+    ans = [i for i in action_positions(tok, resp, "answer") if mask[i]]
     out["kl_answer_share"] = float(kl[ans].sum() / kl[pol].sum()) if ans and pol else None
     return out
 

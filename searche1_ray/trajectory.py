@@ -128,18 +128,21 @@ def search_queries(response: str) -> list[str]:
     return [m.strip() for m in _SEARCH_RE.findall(strip_information(response))]
 
 
-def action_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of the *content* of every ``<search>…</search>`` and ``<answer>…</answer>``
-    in ``text`` (the actions; tags excluded), in order."""
-    spans = [(m.start(1), m.end(1)) for r in (_SEARCH_RE, _ANSWER_RE) for m in r.finditer(text)]
+_ACTION_RE = {"search": _SEARCH_RE, "answer": _ANSWER_RE}
+
+
+def action_spans(text: str, kinds: Sequence[str] = ("search", "answer")) -> list[tuple[int, int]]:
+    """Character spans of the *content* of every ``<search>…</search>`` and/or
+    ``<answer>…</answer>`` (``kinds``) in ``text`` (the actions; tags excluded), in order."""
+    spans = [(m.start(1), m.end(1)) for k in kinds for m in _ACTION_RE[k].finditer(text)]
     return sorted(spans)
 
 
-def action_token_positions(pieces: list[str]) -> list[int]:
+def action_token_positions(pieces: list[str], kinds: Sequence[str] = ("search", "answer")) -> list[int]:
     """Indices of the tokens (given as their decoded texts, in order) that overlap an action
-    span of their concatenation with at least one non-blank character."""
+    span (of ``kinds``) of their concatenation with at least one non-blank character."""
     text = "".join(pieces)
-    spans = action_spans(text)
+    spans = action_spans(text, kinds)
     out, pos = [], 0
     for i, piece in enumerate(pieces):
         a, b = pos, pos + len(piece)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.opsd_signal import span_positions, token_logprobs
+from bench.opsd_signal import action_positions, token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -16,18 +16,18 @@ def tok():
     return AutoTokenizer.from_pretrained(resolve_model())
 
 
-def test_span_positions_cover_exactly_the_tag_contents(tok):
+def test_action_positions_cover_exactly_the_tag_contents(tok):
     text = ("<think>who?</think><search> Neifeo Thaitesez spouse </search>\n\n<information>Doc 1"
             "</information>\n\n<answer> Lerna Braigaxov </answer>")
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     for kind, content in (("query", "Neifeo Thaitesez spouse"), ("answer", "Lerna Braigaxov")):
-        pos = span_positions(text, enc["offset_mapping"], kind)
+        pos = action_positions(tok, ids, kind)
         assert pos == sorted(pos) and pos
-        got = tok.decode([enc["input_ids"][i] for i in pos]).strip()
+        got = tok.decode([ids[i] for i in pos]).strip()
         assert got == content
         # nothing of the tags themselves
         assert "<" not in got and ">" not in got
-    assert span_positions("<think>no tags</think>", [(0, 7)], "answer") == []
+    assert action_positions(tok, tok("<think>no tags</think>")["input_ids"], "answer") == []
 
 
 def test_token_logprobs_match_one_forward_per_prefix():
