@@ -351,9 +351,9 @@ def run_search_loop_async(tasks: Sequence[Task], stream: TurnStream, retrieve: R
     states = [_State(t) for t in tasks]
     turns = _Turns(tokenizer, settings)
     stats = turns.stats
-    stats.update(inflight_sum=0.0)
     waiting = deque(range(len(states)))
     live = 0                                    # started, not done
+    inflight_sum = 0                            # Σ over engine steps of the turns in it
     queued: list[tuple[int, str]] = []          # searches waiting for the next retrieval call
     running = None                              # (future, [(key, query)]) of the call in flight
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve")
@@ -390,7 +390,7 @@ def run_search_loop_async(tasks: Sequence[Task], stream: TurnStream, retrieve: R
                 raise RuntimeError(f"rollout: {live} trajectories neither in the engine nor "
                                    "waiting for the retriever (a bug in the loop)")
             stats["rounds"] += 1
-            stats["inflight_sum"] += stream.pending()
+            inflight_sum += stream.pending()
             t0 = time.perf_counter()
             done = stream.step()
             stats["generate_s"] += time.perf_counter() - t0
@@ -405,7 +405,7 @@ def run_search_loop_async(tasks: Sequence[Task], stream: TurnStream, retrieve: R
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    stats["mean_inflight"] = stats.pop("inflight_sum") / max(1, stats["rounds"])
+    stats["mean_inflight"] = inflight_sum / max(1, stats["rounds"])
     rows = [_row(st, policy_version) for st in states]
     return rows, stats
 
