@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,31 +91,10 @@ def _split_by(rows: list[dict], key) -> dict[str, list[dict]]:
 
 def _read_search_r1_merged(path: Path) -> dict[str, list[dict]]:
     """Search-R1's merged test parquet, split by data_source. Its ``id`` values (FlashRAG's
-    ``test_0``…) repeat across sources, so each source is read on its own."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    ``test_0``…) repeat across sources; ``read_qa`` keys such rows ``<data_source>/<id>``."""
+    from searche1_ray.data.readers import read_qa
 
-    from searche1_ray.data.readers import DataFormatError, read_qa
-
-    try:
-        return _split_by(read_qa(path), lambda r: r["data_source"])
-    except DataFormatError as e:
-        if "repeats" not in str(e):
-            raise
-    table = pq.read_table(path)
-    if "data_source" not in table.column_names:
-        raise ValueError(f"{path}: a Search-R1 test parquet needs a 'data_source' column")
-    out: dict[str, list[dict]] = {}
-    # a private temp folder (tempfile: unpredictable name, mode 0700) beside the file when it is
-    # writable, else in the system's temp dir
-    tmp_root = str(path.parent) if os.access(path.parent, os.W_OK) else None
-    with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=tmp_root) as tmp_dir:
-        for source in table.column("data_source").unique().to_pylist():
-            part = table.filter(pc.equal(table.column("data_source"), source))
-            tmp = Path(tmp_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', str(source))}.parquet"
-            pq.write_table(part, tmp)
-            out[str(source)] = read_qa(tmp, data_source=str(source))
-    return out
+    return _split_by(read_qa(path), lambda r: r["data_source"])
 
 
 def _flashrag_file(folder: Path) -> Path | None:

@@ -3,6 +3,9 @@
 Every QA reader returns rows of one shape:
     {"id": str, "question": str, "golden_answers": [str, ...], "metadata": dict,
      "data_source": str}
+``id`` is the question's key everywhere downstream (rollout rows' ``question_id``, pairs, eval):
+unique per (data_source, id), qualified as ``<data_source>/<id>`` (raw id in ``source_id``) when
+a file mixes sources whose ids repeat, as Search-R1's merged files do.
 Search-R1 parquet rows (``scripts/data_process/nq_search.py``) keep the FlashRAG columns
 (``id``, ``question``, ``golden_answers``) next to ``data_source``, ``prompt``,
 ``reward_model.ground_truth.target`` and ``extra_info.index``; rows that lack the FlashRAG
@@ -116,13 +119,29 @@ def _qa_row(obj: dict, where: str, data_source: str, id_fallback: Any = None,
             "metadata": metadata, "data_source": source}
 
 
-def _check_unique(rows: list[dict], wheres: list[str]) -> None:
-    first: dict[str, str] = {}
+def _key_questions(rows: list[dict], wheres: list[str]) -> None:
+    """Make ``id`` the question's key: unique per (data_source, id).
+
+    A repeat inside one source is an error naming both rows. Search-R1's merged files
+    (``nq_hotpotqa_train``, the merged test set) keep each source's own FlashRAG id, so ``train_0``
+    appears once per source: when ids repeat across sources, every row of the file gets the key
+    ``<data_source>/<id>`` and keeps its own id in ``source_id`` (single-source files keep plain ids)."""
+    first: dict[tuple[str, str], str] = {}
+    ids: set[str] = set()
+    across = False
     for row, where in zip(rows, wheres):
-        if row["id"] in first:
+        key = (row["data_source"], row["id"])
+        if key in first:
             raise DataFormatError(f"{where}: field 'id' value {row['id']!r} repeats "
-                                  f"{first[row['id']]}; ids must be unique")
-        first[row["id"]] = where
+                                  f"{first[key]} (data_source {row['data_source']!r}); ids must be "
+                                  f"unique within a data_source")
+        first[key] = where
+        across = across or row["id"] in ids
+        ids.add(row["id"])
+    if across:
+        for row in rows:
+            row["source_id"] = row["id"]
+            row["id"] = f"{row['data_source']}/{row['id']}"
 
 
 def _read_flashrag(path: Path, data_source: str) -> list[dict]:
@@ -131,7 +150,7 @@ def _read_flashrag(path: Path, data_source: str) -> list[dict]:
         where = _where(path, line=lineno)
         rows.append(_qa_row(obj, where, data_source))
         wheres.append(where)
-    _check_unique(rows, wheres)
+    _key_questions(rows, wheres)
     return rows
 
 
@@ -189,7 +208,7 @@ def _read_search_r1(path: Path, data_source: str) -> list[dict]:
                 row["metadata"] = {**row["metadata"], "extra_info": extra}
             rows.append(row)
             wheres.append(where)
-    _check_unique(rows, wheres)
+    _key_questions(rows, wheres)
     return rows
 
 
