@@ -197,18 +197,13 @@ class SelfEvolutionDriver:
 
         from actors.retriever import start_retriever
         from actors.rollout_worker import RolloutPool
-        from searche1_ray.data.prepare import prepare_data
-        from searche1_ray.data.readers import read_qa
+        from searche1_ray.data.prepare import prepare_data, read_splits
         from searche1_ray.model_store import resolve_model
 
         cfg, st = self.cfg, self.state
         self._live = {"stage": "setup"}
         self.data = prepare_data(cfg)
-        self.questions = {}
-        for split in ("train", "dev", "test"):
-            path = getattr(self.data, split)
-            if path is not None and Path(path).is_file():
-                self.questions[split] = read_qa(path)
+        self.questions = read_splits(cfg, self.data)
         if cfg.grpo.stratify_by and "train" in self.questions:
             strata(self.questions["train"], cfg.grpo.stratify_by)  # a missing field fails now, not after the warm start
 

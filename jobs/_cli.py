@@ -128,3 +128,51 @@ def shutdown_ray(serve: bool = True) -> None:
             ray_serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def _count(path: str | None) -> str:
+    if not path:
+        return "not set"
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return f"{p}  (not on this machine)"
+    from searche1_ray.data.readers import read_qa
+
+    return f"{p}  ({len(read_qa(p)):,} questions)"
+
+
+def run_plan_lines(cfg) -> list[str]:
+    """What a run of ``cfg`` reads and spends, for ``--dry-run``: the data splits (with the
+    validation set OPSD selects on) and the rollout / training budget of each cycle."""
+    import math
+
+    d, g, o = cfg.data, cfg.grpo, cfg.opsd
+    lines = []
+    if d.source == "synthetic":
+        lines.append(f"data        synthetic world (seed {d.world.seed}, {d.world.num_questions:,} questions "
+                     "in train / dev / test splits of its own)")
+    else:
+        lines += [f"train       {_count(d.train_path)}", f"test        {_count(d.test_path)}"]
+    if d.dev_from_train:
+        lines.append(f"validation  {d.dev_from_train:,} questions held out of the training file "
+                     f"(data.dev_seed={d.dev_seed}); never the test sets")
+    elif d.source == "files":
+        lines.append("validation  " + (_count(d.dev_path) if d.dev_path else
+                                       "none: OPSD merges its last step unvalidated (set data.dev_from_train)"))
+    else:
+        lines.append("validation  the world's dev split")
+    n_dev = cfg.eval.limit or d.max_eval_questions or d.dev_from_train
+    seqs = g.questions_per_step * cfg.rollout.group_size
+    updates = (math.ceil(seqs / g.mini_batch_size) if g.mini_batch_size else 1) * g.ppo_epochs
+    lines.append(f"per cycle   ({cfg.run.cycles} cycles)")
+    lines.append(f"  GRPO      {g.steps_per_round} steps x {g.questions_per_step} questions x G="
+                 f"{cfg.rollout.group_size} = {g.steps_per_round * seqs:,} rollouts; {seqs:,} sequences per "
+                 f"step in {updates} optimizer update(s) (mini-batch {g.mini_batch_size or seqs}, "
+                 f"{g.ppo_epochs} epoch(s)), lr {g.lr:g}")
+    pool = (f"{o.questions_per_round:,} training questions x K={o.samples_per_question} = "
+            f"{o.questions_per_round * o.samples_per_question:,} rollouts" if o.questions_per_round
+            else f"every training question x K={o.samples_per_question}")
+    lines.append(f"  OPSD      {pool} -> pairs; {o.steps} LoRA steps x {o.batch_size} pairs = "
+                 f"{o.steps * o.batch_size:,} pair uses; validation every {o.eval_every} steps on "
+                 + (f"{n_dev:,} questions" if n_dev else "the whole validation set"))
+    return lines

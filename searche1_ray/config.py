@@ -63,6 +63,10 @@ class DataConfig:
     corpus_path: str = ""
     max_train_questions: int = 0   # 0 = all
     max_eval_questions: int = 0    # 0 = all
+    # the validation set (OPSD keeps its best-validation-EM step) when no dev_path is given: this
+    # many training questions, drawn with dev_seed, held out of training (never the test sets)
+    dev_from_train: int = 0
+    dev_seed: int = 0
 
 
 @dataclass
@@ -254,6 +258,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("data.world.num_questions", lambda v: v >= 10, ">= 10"),
     ("data.max_train_questions", lambda v: v >= 0, ">= 0"),
     ("data.max_eval_questions", lambda v: v >= 0, ">= 0"),
+    ("data.dev_from_train", lambda v: v >= 0, ">= 0 (0 = no held-out validation slice)"),
     ("retriever.topk", lambda v: 1 <= v <= 100, "between 1 and 100"),
     ("retriever.port", lambda v: 0 <= v <= 65535, "a port number 0..65535"),
     ("retriever.max_batch_size", lambda v: v >= 1, ">= 1"),
@@ -411,6 +416,10 @@ def validate(cfg: Config) -> Config:
         for key in ("train_path", "corpus_path"):
             if not getattr(cfg.data, key):
                 raise ConfigError(f"config: data.{key} is required when data.source is 'files'")
+    if cfg.data.dev_from_train and (cfg.data.dev_path or cfg.data.source != "files"):
+        raise ConfigError(f"config: data.dev_from_train ({cfg.data.dev_from_train}) holds a validation set "
+                          "out of data.train_path; it needs data.source 'files' and no data.dev_path "
+                          "(the synthetic world has its own dev split)")
     if not cfg.run.name or any(c in cfg.run.name for c in "/\\\0") or cfg.run.name.strip(".") == "":
         raise ConfigError(f"config: run.name must be a folder name (not '.' or '..', no '/' or '\\'), "
                           f"got {cfg.run.name!r}")

@@ -1,5 +1,7 @@
 """Resolve the data settings into files on disk: the synthetic world (generated once per seed and
-size, then reused) or the user's FlashRAG / Search-R1 / wiki-18 paths, checked to exist."""
+size, then reused) or the user's FlashRAG / Search-R1 / wiki-18 paths, checked to exist; then
+``read_splits`` reads the question splits, holding a validation set out of training when
+``data.dev_from_train`` asks for one."""
 
 from __future__ import annotations
 
@@ -87,3 +89,23 @@ def prepare_data(cfg: Config) -> DataPaths:
         paths[key] = p
     return DataPaths(paths["corpus_path"].parent, paths["corpus_path"], paths["train_path"],
                      paths["dev_path"], paths["test_path"])
+
+
+def read_splits(cfg: Config, data: DataPaths) -> dict[str, list[dict]]:
+    """``{"train": rows, "dev": rows, "test": rows}`` for the splits that exist (``read_qa`` rows).
+    With ``data.dev_from_train = n``, dev is n training questions drawn with ``data.dev_seed``,
+    and training no longer sees them."""
+    from searche1_ray.data.readers import read_qa
+    from searche1_ray.data.sampling import hold_out
+
+    out = {}
+    for split in ("train", "dev", "test"):
+        path = getattr(data, split)
+        if path is not None and Path(path).is_file():
+            out[split] = read_qa(path)
+    n = cfg.data.dev_from_train
+    if n:
+        out["train"], out["dev"] = hold_out(out["train"], n, cfg.data.dev_seed)
+        log.info("validation: %d questions held out of %s (data.dev_seed=%d); %d left for training",
+                 n, data.train, cfg.data.dev_seed, len(out["train"]))
+    return out

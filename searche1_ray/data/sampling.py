@@ -1,6 +1,7 @@
 """Which training questions a GRPO step rolls out: a seeded sample, optionally stratified.
 
 ``step_questions(train, n, seed, stratify_by="")`` draws ``n`` distinct questions.
+``hold_out(rows, n, seed)`` splits a validation set off the training questions (``data.dev_from_train``).
 
 - With ``stratify_by`` empty (the paper): a uniform sample without replacement.
 - With a dotted field such as ``metadata.type`` (the synthetic world's question types) or
@@ -67,3 +68,13 @@ def step_questions(train: Sequence[dict], n: int, seed: str | int, stratify_by: 
     picked = [i for k in names for i in order[k][: take[k]]]
     rng.shuffle(picked)
     return [train[i] for i in picked]
+
+
+def hold_out(rows: Sequence[dict], n: int, seed: str | int) -> tuple[list[dict], list[dict]]:
+    """(train, dev): ``n`` rows drawn with ``seed`` form dev, the rest stay for training; both keep
+    the file's order. Seeded by ``seed`` alone, so a resumed run holds out the same questions."""
+    if not 0 < n < len(rows):
+        raise ValueError(f"data.dev_from_train={n}: must be between 1 and the number of training "
+                         f"questions - 1 ({len(rows) - 1})")
+    dev = set(random.Random(f"dev-{seed}").sample(range(len(rows)), n))
+    return ([r for i, r in enumerate(rows) if i not in dev], [r for i, r in enumerate(rows) if i in dev])

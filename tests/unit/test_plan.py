@@ -156,6 +156,24 @@ def test_dry_run_prints_the_plan_and_starts_nothing(size):
     assert "e5_Flat.index" in out
 
 
+@pytest.mark.parametrize("size", ["3b", "7b"])
+def test_train_dry_run_prints_validation_set_and_budgets(size):
+    code = ("import sys; from jobs.train import main; rc = main(['--config', sys.argv[1], '--dry-run']); "
+            "assert 'ray' not in sys.modules and 'vllm' not in sys.modules, 'dry run imported ray/vllm'; "
+            "sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, str(PAPER[size])], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "fits (at the maximum replica counts)" in out and "nothing was started" in out
+    assert "validation  500 questions held out of the training file (data.dev_seed=0)" in out
+    assert "200 steps x 512 questions x G=5 = 512,000 rollouts" in out
+    assert "2,560 sequences per step in 10 optimizer update(s) (mini-batch 256" in out
+    assert ("6,400 training questions x K=5 = 32,000 rollouts -> pairs; 100 LoRA steps x 32 pairs = "
+            "3,200 pair uses; validation every 20 steps on 500 questions") in out
+    assert "train.parquet  (not on this machine)" in out
+
+
 def test_dry_run_fails_when_the_plan_does_not_fit():
     code = ("import sys; from jobs.evaluate import main; "
             "sys.exit(main(['--config', sys.argv[1], '--dry-run', '--set', 'train.num_workers=6']))")

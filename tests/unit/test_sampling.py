@@ -64,3 +64,19 @@ def test_top_level_field_and_missing_field_error():
         strata(train, "data_source")
     with pytest.raises(StratifyError, match="metadata.type"):
         step_questions(train, 2, 0, "metadata.type")
+
+
+def test_hold_out_is_a_seeded_disjoint_split_in_file_order():
+    from searche1_ray.data.sampling import hold_out
+
+    rows = [{"id": str(i)} for i in range(50)]
+    train, dev = hold_out(rows, 10, 0)
+    assert len(dev) == 10 and len(train) == 40
+    ids = [r["id"] for r in train + dev]
+    assert sorted(ids, key=int) == [r["id"] for r in rows]              # disjoint, nothing lost
+    assert [int(r["id"]) for r in dev] == sorted(int(r["id"]) for r in dev)
+    assert hold_out(rows, 10, 0) == (train, dev)                        # a resume holds out the same
+    assert [r["id"] for r in hold_out(rows, 10, 1)[1]] != [r["id"] for r in dev]
+    for n in (0, 50):
+        with pytest.raises(ValueError, match=f"data.dev_from_train={n}: must be between 1 and .* \\(49\\)"):
+            hold_out(rows, n, 0)
