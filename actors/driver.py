@@ -307,8 +307,10 @@ class SelfEvolutionDriver:
             else:
                 results[split] = evaluate_split(self.pool, qs[:limit], out, temperature=cfg.eval.temperature)
             self._metrics.set("eval_em", results[split]["em"])
-            log.info("eval %s %s: EM %.3f (%d questions, %.2f searches)", label, split,
-                     results[split]["em"], results[split]["n"], results[split]["num_searches"])
+            r = results[split]
+            avg = f", Avg. over {len(r['by_type'])} types/datasets {r['avg']:.3f}" if "avg" in r else ""
+            log.info("eval %s %s: EM %.3f%s (%d questions, %.2f searches)", label, split, r["em"], avg,
+                     r["n"], r["num_searches"])
         self.state.evals[label] = results
         for split, r in results.items():
             self._metrics.tb.add_scalar(f"eval/em_{split}", r["em"], self.state.policy_version)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from searche1_ray.paired import question_types
+from searche1_ray.paired import em_by_type, question_types
 from searche1_ray.rewards import exact_match
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,13 @@ def evaluate_split(pool: Any, questions: Sequence[dict], out_path: str | os.Path
     qs = [{"id": str(q["id"]), "question": q["question"], "golden_answers": list(q["golden_answers"])}
           for q in questions]
     by_id = {q["id"]: q for q in qs}
+    # a question's type: metadata.type (the synthetic world), else its data_source when the split
+    # mixes sources (Search-R1's merged test set), so the report's per-type table and ``avg`` are
+    # the paper's per-dataset columns and their unweighted mean
     types = question_types(questions, default="")
+    sources = {str(q["id"]): str(q.get("data_source") or "") for q in questions}
+    if len(set(sources.values())) > 1:
+        types = {k: v or sources[k] for k, v in types.items()}
     out_rows: list[dict] = []
     t0 = time.time()
     bar = tqdm(total=len(qs), desc=desc, unit="q", disable=not progress, leave=False)
@@ -224,7 +230,10 @@ def evaluate_split(pool: Any, questions: Sequence[dict], out_path: str | os.Path
     if out_path is not None:
         _write_trajectories(out_rows, Path(out_path))
     n = len(out_rows)
-    return {"em": sum(r["em"] for r in out_rows) / n if n else 0.0, "n": n,
+    by_type = em_by_type(out_rows, {k: v or "all" for k, v in types.items()}) if n else {}
+    extra = ({"avg": by_type["avg"], "by_type": {k: v for k, v in by_type.items() if k not in ("avg", "overall")}}
+             if len(by_type) > 3 else {})   # more than one type: their unweighted mean (the paper's Avg.)
+    return {"em": sum(r["em"] for r in out_rows) / n if n else 0.0, "n": n, **extra,
             "num_searches": sum(r["num_searches"] for r in out_rows) / n if n else 0.0,
             "answered": sum(r["answer"] is not None for r in out_rows) / n if n else 0.0,
             "response_tokens": sum(r["response_tokens"] for r in out_rows) / n if n else 0.0,

@@ -149,3 +149,37 @@ def test_merged_test_parquet_splits_by_source_with_keyed_ids(tmp_path):
     found = discover_datasets(path)
     assert list(found) == ["nq", "hotpotqa"]
     assert [q["id"] for q in found["hotpotqa"].questions] == ["hotpotqa/test_0", "hotpotqa/test_1"]
+
+
+class AnsweringPool:
+    """A stand-in for RolloutPool.generate (the real pool runs in tests/integration): answers
+    from a table, one row per question, as the pool's rows carry them."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def generate(self, questions, n=1, temperature=0.0):
+        return [{"question_id": q["id"], "sample_idx": 0, "answer": self.answers[q["id"]], "reward": 0.0,
+                 "num_searches": 1, "queries": ["q"], "response": "", "response_ids": [1, 2],
+                 "finish_reason": "stop", "policy_version": 0} for q in questions]
+
+
+def test_in_run_evaluation_of_a_merged_test_set_reports_the_unweighted_dataset_average(tmp_path):
+    from searche1_ray.evaluation import evaluate_split
+
+    path = tmp_path / "test.parquet"
+    hotpot4 = HOTPOT + [("third hotpot question", "C"), ("fourth hotpot question", "D")]
+    pq.write_table(pa.Table.from_pylist(search_r1_rows("nq", "test", NQ)
+                                        + search_r1_rows("hotpotqa", "test", hotpot4)), path)
+    questions = read_qa(path)
+    answers = {"nq/test_0": "Shakespeare", "nq/test_1": "Paris", "hotpotqa/test_0": "Thames",
+               "hotpotqa/test_1": "x", "hotpotqa/test_2": "y", "hotpotqa/test_3": "z"}
+    r = evaluate_split(AnsweringPool(answers), questions, tmp_path / "eval.parquet", progress=False)
+    assert r["n"] == 6 and r["em"] == pytest.approx(3 / 6)                 # pooled over questions
+    assert r["by_type"] == {"hotpotqa": 0.25, "nq": 1.0}
+    assert r["avg"] == pytest.approx((1.0 + 0.25) / 2)                     # the paper's Avg.
+    ev = pq.read_table(tmp_path / "eval.parquet").to_pylist()
+    assert [row["type"] for row in ev] == ["nq"] * 2 + ["hotpotqa"] * 4
+    # one source: no per-dataset split, the pooled EM is the whole story
+    one = evaluate_split(AnsweringPool(answers), questions[:2], None, progress=False)
+    assert one["em"] == 1.0 and "avg" not in one
