@@ -3,8 +3,11 @@
     python -m jobs.make_world --out data/world [--seed 0] [--num-questions 1000]
 
 Writes corpus.jsonl, train.jsonl, dev.jsonl, test.jsonl and world.json (seed, sizes, counts
-per type and split); ``--parquet`` also writes Search-R1 style train/dev/test.parquet. The same
-seed and sizes always give byte-identical files.
+per type and split); ``--parquet`` also writes Search-R1 style train/dev/test.parquet;
+``--published`` also writes the world in the real data's published layout (wiki-18.jsonl,
+nq_hotpotqa_train/{train,test}.parquet, flashrag/<benchmark>/test.jsonl: see
+searche1_ray/data/published_layout.py) to rehearse the paper configs. The same seed and sizes
+always give byte-identical files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from searche1_ray.data.published_layout import write_published_layout
 from searche1_ray.data.readers import search_r1_rows, write_parquet
 from searche1_ray.data.world import QUESTION_TYPES, SPLITS, generate_world
 
@@ -42,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="distractor passages per entity passage (default: 0.667)")
     p.add_argument("--parquet", action="store_true",
                    help="also write Search-R1 style {train,dev,test}.parquet")
+    p.add_argument("--published", action="store_true",
+                   help="also write the world as the real data is published: wiki-18.jsonl, Search-R1's "
+                        "merged nq_hotpotqa_train/{train,test}.parquet (ids repeat across sources) and "
+                        "FlashRAG's flashrag/<benchmark>/test.jsonl for the seven benchmarks")
     return p
 
 
@@ -69,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.parquet:
             for split in SPLITS:
                 write_parquet(search_r1_rows(world.splits[split], split), args.out / f"{split}.parquet")
+        if args.published:
+            paths = write_published_layout(world, args.out)
+            log.info("published layout: %s", ", ".join(f"{k} {v}" for k, v in paths.items()))
     except OSError as e:
         print(f"make_world: cannot write the world to {args.out}: {e.strerror or e}. "
               f"Pass a writable directory with --out.", file=sys.stderr)

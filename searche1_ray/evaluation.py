@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from searche1_ray.data.published_layout import MULTI_HOP, SINGLE_HOP
 from searche1_ray.paired import em_by_type, question_types
 from searche1_ray.rewards import exact_match
 
 log = logging.getLogger(__name__)
 
-SINGLE_HOP = ("nq", "triviaqa", "popqa")
-MULTI_HOP = ("hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 BENCHMARKS = SINGLE_HOP + MULTI_HOP
 DISPLAY = {"nq": "NQ", "triviaqa": "TriviaQA", "popqa": "PopQA", "hotpotqa": "HotpotQA",
            "2wikimultihopqa": "2Wiki", "musique": "Musique", "bamboogle": "Bamboogle"}

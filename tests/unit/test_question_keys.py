@@ -183,3 +183,29 @@ def test_in_run_evaluation_of_a_merged_test_set_reports_the_unweighted_dataset_a
     # one source: no per-dataset split, the pooled EM is the whole story
     one = evaluate_split(AnsweringPool(answers), questions[:2], None, progress=False)
     assert one["em"] == 1.0 and "avg" not in one
+
+
+def test_published_layout_reads_back_as_the_real_files_do(tmp_path):
+    from searche1_ray.data.published_layout import MULTI_HOP, SINGLE_HOP, write_published_layout
+    from searche1_ray.data.readers import read_corpus
+    from searche1_ray.data.world import generate_world
+
+    world = generate_world(seed=1, num_questions=120)
+    paths = write_published_layout(world, tmp_path)
+    table = pq.read_table(paths["train"])
+    assert set(table.column_names) == {"id", "question", "golden_answers", "data_source", "prompt", "ability",
+                                       "reward_model", "extra_info"}          # nq_search.py's columns, no more
+    train = read_qa(paths["train"])
+    assert len(train) == len(world.splits["train"])
+    assert {r["data_source"] for r in train} == {"nq", "hotpotqa"}
+    assert {r["source_id"] for r in train if r["data_source"] == "nq"} & {
+        r["source_id"] for r in train if r["data_source"] == "hotpotqa"}     # ids repeat across sources
+    assert len({r["id"] for r in train}) == len(train)
+    gold = {q["question"]: q["golden_answers"] for q in world.splits["train"]}
+    assert all(gold[r["question"]] == r["golden_answers"] for r in train)
+    found = discover_datasets(paths["test"])
+    assert list(found) == [*SINGLE_HOP, *MULTI_HOP]
+    assert sum(len(d.questions) for d in found.values()) == len(world.splits["test"])
+    per_folder = discover_datasets(paths["flashrag"])
+    assert {k: len(v.questions) for k, v in per_folder.items()} == {k: len(v.questions) for k, v in found.items()}
+    assert sum(1 for _ in read_corpus(paths["corpus"])) == len(world.corpus)
