@@ -36,6 +36,18 @@ def driver_name(run: str) -> str:
     return f"searche1-driver-{run}"
 
 
+class RunAlreadyRunning(RuntimeError):
+    """``run()`` was called on a driver whose schedule is already running."""
+
+
+def already_running_message(run: str) -> str:
+    """What to tell a person who starts or resumes a run whose driver is running its schedule."""
+    return (f"run {run} is already running in driver {driver_name(run)} (namespace {NAMESPACE}); "
+            f"watch it with `python -m jobs.status {run} --address auto`, or stop it first with "
+            f"`python -m jobs.status {run} --address auto --stop` (it finishes its step and saves), "
+            f"then resume")
+
+
 def stage_cycle(stage: str) -> int:
     """The cycle a stage belongs to: ``grpo/1``, ``opsd/1`` → 1; ``eval/grpo1`` → 1; others 0."""
     head, _, tail = stage.partition("/")
@@ -105,6 +117,7 @@ class SelfEvolutionDriver:
             self.state = RunState(self.cfg.run.name, stages)
         (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
         self._stop = threading.Event()
+        self._running = threading.Lock()  # held while ``run`` runs the schedule: one at a time
         self._metrics = _Metrics(self.cfg.run.name, self.run_dir / "tb")
         self._live: dict[str, Any] = {}
         self.pool = None
@@ -116,7 +129,7 @@ class SelfEvolutionDriver:
         return {"run": st.run, "status": st.status, "stage": st.stage, "stage_index": st.stage_index,
                 "num_stages": len(st.stages), "step": st.step, "policy_version": st.policy_version,
                 "evals": st.evals, "last": st.history[-1] if st.history else {}, "live": dict(self._live),
-                "run_dir": str(self.run_dir), "error": st.error,
+                "run_dir": str(self.run_dir), "error": st.error, "active": self._running.locked(),
                 "rollout_workers": self.pool.num_workers if self.pool is not None else 0}
 
     def request_stop(self) -> None:
@@ -133,6 +146,17 @@ class SelfEvolutionDriver:
 
     # ---- the schedule ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Run the schedule from ``state`` to its end (or a stop request). One at a time: a second
+        call while one runs raises ``RunAlreadyRunning``; a call after a stopped run starts afresh."""
+        if not self._running.acquire(blocking=False):
+            raise RunAlreadyRunning(already_running_message(self.cfg.run.name))
+        try:
+            self._stop.clear()  # a stop asked of the previous run() must not end this one
+            return self._run_schedule()
+        finally:
+            self._running.release()
+
+    def _run_schedule(self) -> dict[str, Any]:
         st = self.state
         if st.finished:
             return self.status()

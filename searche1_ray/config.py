@@ -481,6 +481,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(_build(Config, tree, ""))
 
 
+def config_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs, in config order."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in list(a) + [k for k in b if k not in a]:
+                walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            out.append((prefix.rstrip("."), a, b))
+
+    walk(old.to_dict(), new.to_dict(), "")
+    return out
+
+
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a validated config from ``Config.to_dict()`` output (e.g. a saved run config)."""
     return validate(_build(Config, _fix_yaml_floats(tree), ""))
