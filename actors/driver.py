@@ -108,6 +108,7 @@ class SelfEvolutionDriver:
         self.cfg: Config = config_from_dict(cfg_dict)
         self.run_dir = self.cfg.run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("run folder: %s", self.run_dir)
         self._known_evals: dict[tuple[str, str], dict[str, Any]] = {}  # (label, split) -> result
         if resume and state_path(self.run_dir).is_file():
             self.state = load_state(self.run_dir)

@@ -17,7 +17,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.status", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run name (under runs/) or run folder")
+    p.add_argument("run", help="run name (under runs/, or ~/searche1-ray/runs/ for a run a Ray job wrote) or run folder")
     p.add_argument("--address", default="", help="Ray address of a live run (e.g. auto); default: read state.json")
     p.add_argument("--scale-rollout", type=int, metavar="N", help="set the live run's rollout workers to N")
     p.add_argument("--stop", action="store_true",
@@ -48,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         print("status: --scale-rollout and --stop need --address of the live run", file=sys.stderr)
         return 2
     else:
+        from searche1_ray.config import RunConfig
+        from searche1_ray.run_folder import find_run_dir
         from searche1_ray.run_state import load_state
 
-        run_dir = Path(args.run) if Path(args.run, "state.json").is_file() else Path("runs") / args.run
         try:
-            st = load_state(run_dir)
+            st = load_state(find_run_dir(args.run, RunConfig().output_dir, "state.json"))
         except (FileNotFoundError, ValueError) as e:
             print(f"status: {e}", file=sys.stderr)
             return 1

@@ -36,9 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "dashboard's Metrics view (searche1_*), and `tensorboard --logdir runs/<name>/tb`.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, example="grpo.lr=1e-6")
-    p.add_argument("--name", help="run name (= run.name); the run lives in <run.output_dir>/<name>")
+    p.add_argument("--name", help="run name (= run.name); the run lives in <run.output_dir>/<name> (a relative "
+                                  "output dir inside a `ray job submit`: under ~/searche1-ray)")
     p.add_argument("--resume", metavar="RUN",
-                   help="continue the run RUN (a name under run.output_dir, or a run folder) from its state.json")
+                   help="continue the run RUN (a name under run.output_dir — here or, for a run a Ray job "
+                        "wrote, under ~/searche1-ray — or a run folder) from its state.json")
     add_address_arg(p)
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
     return p.parse_args(argv)
@@ -54,15 +56,13 @@ def load_run_config(args: argparse.Namespace):
     than ``RESUME_HOST_KEYS``): the run would no longer be the run it was, and silently ignoring
     them would be worse."""
     from searche1_ray.config import ConfigError, config_diff, load_config
+    from searche1_ray.run_folder import find_run_dir
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "state.json").is_file():
-            output_dir = load_config(args.config).run.output_dir
-            run_dir = Path(output_dir) / args.resume
-        if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"train: cannot resume '{args.resume}': no {run_dir}/config.yaml "
-                             "(start it first without --resume)")
+        try:
+            run_dir = find_run_dir(args.resume, load_config(args.config).run.output_dir, "config.yaml")
+        except FileNotFoundError as e:
+            raise SystemExit(f"train: cannot resume: {e} (start it first without --resume)") from None
         where = [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"]
         saved = load_config(run_dir / "config.yaml", where)
         cfg = load_config(run_dir / "config.yaml", [*where, *args.overrides])
@@ -74,7 +74,9 @@ def load_run_config(args: argparse.Namespace):
                               f"run as it was configured; start a new run with --name to change them")
         return cfg
     overrides = list(args.overrides) + ([f"run.name={args.name}"] if args.name else [])
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    cfg.run.output_dir = str(cfg.run_dir.parent)  # absolute: the driver actor's cwd may differ
+    return cfg
 
 
 def _progress_line(s: dict) -> str:
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.driver import NAMESPACE, RunAlreadyRunning, SelfEvolutionDriver, already_running_message, \
         driver_name
 
+    log.info("run folder: %s", cfg.run_dir)
     init_ray(cfg, args.address)
     name = driver_name(cfg.run.name)
     try:

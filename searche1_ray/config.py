@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     name: str = "smoke"            # run directory is <output_dir>/<name>
+    # relative: against the current directory, or ~/searche1-ray inside a `ray job submit`
+    # (searche1_ray/run_folder.py); a multi-node cluster needs an absolute path on shared storage
     output_dir: str = "runs"
     seed: int = 0
     cycles: int = 1                # GRPO -> OPSD cycles (the paper: 2)
@@ -237,7 +239,11 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.output_dir).expanduser() / self.run.name
+        """``<run.output_dir>/<run.name>``, absolute (``run_folder.resolve_output_dir``: a relative
+        output dir of a Ray job lands under ~/searche1-ray, not in Ray's temporary package)."""
+        from searche1_ray.run_folder import resolve_output_dir
+
+        return resolve_output_dir(self.run.output_dir) / self.run.name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
