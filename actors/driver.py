@@ -24,6 +24,7 @@ import ray
 
 from searche1_ray.config import Config, config_from_dict
 from searche1_ray.data.sampling import step_questions, strata
+from searche1_ray.durable import atomic_write
 from searche1_ray.run_state import RunState, load_state, save_state, schedule, state_path
 from searche1_ray.training.opsd_round import RoundStopped
 
@@ -116,7 +117,7 @@ class SelfEvolutionDriver:
         else:
             stages = schedule(self.cfg.run.cycles, self.cfg.warmstart.enabled)
             self.state = RunState(self.cfg.run.name, stages)
-        (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
         self._stop = threading.Event()
         self._running = threading.Lock()  # held while ``run`` runs the schedule: one at a time
         self._metrics = _Metrics(self.cfg.run.name, self.run_dir / "tb")
@@ -280,7 +281,9 @@ class SelfEvolutionDriver:
         return d
 
     def _prune(self, keep: str) -> None:
-        """Delete intermediate GRPO step checkpoints other than ``keep`` (stage results stay)."""
+        """Delete intermediate GRPO step checkpoints other than ``keep`` (stage results stay).
+        Called only after a durable state.json names ``keep``, so a crash at any point leaves
+        state.json pointing at a complete checkpoint."""
         for p in self._ckpt_dir().glob("grpo*-step*"):
             if str(p) != keep and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -21,7 +21,6 @@ import logging
 import signal
 import sys
 import time
-from pathlib import Path
 
 from jobs._cli import add_address_arg, add_config_args, config_errors, init_ray, setup_logging
 
