@@ -173,3 +173,33 @@ def test_a_full_disk_mid_round_leaves_the_last_durable_step(tmp_path, monkeypatc
     assert sorted(p.name for p in ckpts.iterdir()) == ["grpo0-step0002"]  # step 1 pruned, no partial step 3
     # each prune ran only once state.json on disk named the checkpoint it keeps
     assert pruned_while_state_named == [str(ckpts / "grpo0-step0001"), str(ckpts / "grpo0-step0002")]
+
+
+# --- Ray Train's copies of the checkpoints go when the round's runner stops ----------------
+
+def test_the_runner_deletes_ray_trains_checkpoint_copies_when_fit_has_ended(tmp_path, monkeypatch):
+    import types
+
+    import searche1_ray.training.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "ray", types.SimpleNamespace(get=lambda x: x, kill=lambda actor: None))
+
+    def runner(fit_ended):
+        r = object.__new__(runner_mod.TrainRunner)
+        r._stopped, r.channel = False, types.SimpleNamespace(send=types.SimpleNamespace(remote=lambda cmd: None))
+        r._thread = threading.Thread(target=(lambda: None) if fit_ended else (lambda: release.wait(10)))
+        r._thread.start()
+        r.storage = tmp_path / "train" / "ray_train" / f"grpo-{fit_ended}"
+        _save(r.storage / "grpo0-step0001", 1, tmp_path)  # Ray Train's copy of a checkpoint
+        return r
+
+    release = threading.Event()
+    own = _save(tmp_path / "checkpoints" / "grpo0-step0001", 1, tmp_path)
+    done = runner(fit_ended=True)
+    done._thread.join()
+    done.stop()
+    assert not done.storage.exists() and _complete(own, 1)
+    hung = runner(fit_ended=False)  # fit() still running: its folder is left alone
+    hung.stop(timeout_s=0.1)
+    assert _complete(hung.storage / "grpo0-step0001", 1)
+    release.set()
