@@ -24,7 +24,7 @@ import ray
 
 from searche1_ray.config import Config, config_from_dict
 from searche1_ray.data.sampling import step_questions, strata
-from searche1_ray.durable import atomic_write
+from searche1_ray.durable import atomic_write, atomic_write_with
 from searche1_ray.run_state import RunState, load_state, save_state, schedule, state_path
 from searche1_ray.training.opsd_round import RoundStopped
 
@@ -333,8 +333,7 @@ class SelfEvolutionDriver:
             out = self._eval_path(label, split)
             known = self._known_evals.pop((label, split), None)
             if known and known.get("n") == min(limit, len(qs)) and Path(known.get("path", "")).is_file():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(known["path"], out)  # same policy, same questions, greedy
+                atomic_write_with(out, lambda tmp: shutil.copyfile(known["path"], tmp))  # same policy, questions, greedy
                 results[split] = {k: v for k, v in known.items() if k != "path"}
                 log.info("eval %s %s: the OPSD round's validation of this policy, reused", label, split)
             else:

@@ -203,3 +203,19 @@ def test_the_runner_deletes_ray_trains_checkpoint_copies_when_fit_has_ended(tmp_
     hung.stop(timeout_s=0.1)
     assert _complete(hung.storage / "grpo0-step0001", 1)
     release.set()
+
+
+def test_the_driver_reuses_an_opsd_validation_as_its_evaluation_atomically(tmp_path):
+    d = object.__new__(Driver)
+    d.cfg = load_config(None, ["eval.splits=[dev]", "eval.limit=2"])
+    d.run_dir, d.state, d._live = tmp_path / "run", RunState("r", ["eval/opsd0"]), {}
+    d._metrics = _Metrics()
+    d._metrics.tb = type("TB", (), {"add_scalar": lambda *a: None})()
+    d.questions = {"dev": [{"id": "q1"}, {"id": "q2"}]}
+    validation = tmp_path / "opsd" / "eval" / "step0002.parquet"
+    atomic_write(validation, "parquet bytes")
+    d._known_evals = {("opsd0", "dev"): {"em": 0.5, "n": 2, "num_searches": 1.0, "path": str(validation)}}
+    d._evaluate("opsd0")
+    assert d.state.evals["opsd0"]["dev"] == {"em": 0.5, "n": 2, "num_searches": 1.0}
+    out = d.run_dir / "eval" / "opsd0"
+    assert os.listdir(out) == ["dev.parquet"] and (out / "dev.parquet").read_text() == "parquet bytes"
