@@ -288,6 +288,14 @@ class SelfEvolutionDriver:
             if str(p) != keep and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
+    @staticmethod
+    def _runner_dir(folder: Path) -> Path:
+        """A round's TrainRunner folder, rid of Ray Train checkpoint copies a killed driver's
+        runner left (a runner deletes its own when it stops). Safe: ``run`` is one schedule at a
+        time, so no other runner of this run writes there."""
+        shutil.rmtree(folder / "ray_train", ignore_errors=True)
+        return folder
+
     def _sync_pool(self, weights: Any, version: int) -> float:
         t0 = time.time()
         self.pool.update_weights(weights, version)
@@ -362,7 +370,7 @@ class SelfEvolutionDriver:
         if st.step >= steps:
             return
         self._live["detail"] = "starting the GRPO trainer"
-        self.runner = TrainRunner(cfg, st.policy, GRPOTask(cfg), str(self.run_dir / "train" / f"grpo{cycle}"))
+        self.runner = TrainRunner(cfg, st.policy, GRPOTask(cfg), str(self._runner_dir(self.run_dir / "train" / f"grpo{cycle}")))
         pending: list[tuple[str, dict]] = []
         try:
             for step in range(st.step, steps):
@@ -404,6 +412,7 @@ class SelfEvolutionDriver:
         cfg, st = self.cfg, self.state
         self._live["detail"] = f"OPSD cycle {cycle}"
         out = self.run_dir / "opsd" / f"c{cycle}"
+        self._runner_dir(out / "train")  # run_opsd_round's runner lives there
         train = self.questions["train"]
         if cfg.data.max_train_questions:
             train = train[: cfg.data.max_train_questions]

@@ -161,6 +161,8 @@ def _grpo_driver(tmp_path, monkeypatch, runner):
 
 def test_a_full_disk_mid_round_leaves_the_last_durable_step(tmp_path, monkeypatch):
     d = _grpo_driver(tmp_path, monkeypatch, _Runner(tmp_path, fail_at=3))
+    leftover = d.run_dir / "train" / "grpo0" / "ray_train" / "grpo-killed" / "grpo0-step0001"
+    _save(leftover, 1, tmp_path)  # Ray Train's copy, left by a killed driver's runner
     pruned_while_state_named = []
     real_prune = Driver._prune
     monkeypatch.setattr(Driver, "_prune", lambda self, keep: (pruned_while_state_named.append(
@@ -171,6 +173,7 @@ def test_a_full_disk_mid_round_leaves_the_last_durable_step(tmp_path, monkeypatc
     ckpts = d.run_dir / "checkpoints"
     assert st.step == 2 and st.policy == str(ckpts / "grpo0-step0002") and _complete(ckpts / "grpo0-step0002", 2)
     assert sorted(p.name for p in ckpts.iterdir()) == ["grpo0-step0002"]  # step 1 pruned, no partial step 3
+    assert not (d.run_dir / "train" / "grpo0" / "ray_train").exists()
     # each prune ran only once state.json on disk named the checkpoint it keeps
     assert pruned_while_state_named == [str(ckpts / "grpo0-step0001"), str(ckpts / "grpo0-step0002")]
 
