@@ -24,6 +24,7 @@ import ray
 
 from searche1_ray.config import Config, config_from_dict
 from searche1_ray.data.sampling import step_questions, strata
+from searche1_ray.durable import atomic_write, atomic_write_with
 from searche1_ray.run_state import RunState, load_state, save_state, schedule, state_path
 from searche1_ray.training.opsd_round import RoundStopped
 
@@ -34,6 +35,18 @@ NAMESPACE = "searche1"
 
 def driver_name(run: str) -> str:
     return f"searche1-driver-{run}"
+
+
+class RunAlreadyRunning(RuntimeError):
+    """``run()`` was called on a driver whose schedule is already running."""
+
+
+def already_running_message(run: str) -> str:
+    """What to tell a person who starts or resumes a run whose driver is running its schedule."""
+    return (f"run {run} is already running in driver {driver_name(run)} (namespace {NAMESPACE}); "
+            f"watch it with `python -m jobs.status {run} --address auto`, or stop it first with "
+            f"`python -m jobs.status {run} --address auto --stop` (it finishes its step and saves), "
+            f"then resume")
 
 
 def stage_cycle(stage: str) -> int:
@@ -96,6 +109,7 @@ class SelfEvolutionDriver:
         self.cfg: Config = config_from_dict(cfg_dict)
         self.run_dir = self.cfg.run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("run folder: %s", self.run_dir)
         self._known_evals: dict[tuple[str, str], dict[str, Any]] = {}  # (label, split) -> result
         if resume and state_path(self.run_dir).is_file():
             self.state = load_state(self.run_dir)
@@ -103,8 +117,9 @@ class SelfEvolutionDriver:
         else:
             stages = schedule(self.cfg.run.cycles, self.cfg.warmstart.enabled)
             self.state = RunState(self.cfg.run.name, stages)
-        (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
         self._stop = threading.Event()
+        self._running = threading.Lock()  # held while ``run`` runs the schedule: one at a time
         self._metrics = _Metrics(self.cfg.run.name, self.run_dir / "tb")
         self._live: dict[str, Any] = {}
         self.pool = None
@@ -116,7 +131,7 @@ class SelfEvolutionDriver:
         return {"run": st.run, "status": st.status, "stage": st.stage, "stage_index": st.stage_index,
                 "num_stages": len(st.stages), "step": st.step, "policy_version": st.policy_version,
                 "evals": st.evals, "last": st.history[-1] if st.history else {}, "live": dict(self._live),
-                "run_dir": str(self.run_dir), "error": st.error,
+                "run_dir": str(self.run_dir), "error": st.error, "active": self._running.locked(),
                 "rollout_workers": self.pool.num_workers if self.pool is not None else 0}
 
     def request_stop(self) -> None:
@@ -133,6 +148,17 @@ class SelfEvolutionDriver:
 
     # ---- the schedule ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Run the schedule from ``state`` to its end (or a stop request). One at a time: a second
+        call while one runs raises ``RunAlreadyRunning``; a call after a stopped run starts afresh."""
+        if not self._running.acquire(blocking=False):
+            raise RunAlreadyRunning(already_running_message(self.cfg.run.name))
+        try:
+            self._stop.clear()  # a stop asked of the previous run() must not end this one
+            return self._run_schedule()
+        finally:
+            self._running.release()
+
+    def _run_schedule(self) -> dict[str, Any]:
         st = self.state
         if st.finished:
             return self.status()
@@ -250,10 +276,20 @@ class SelfEvolutionDriver:
         return d
 
     def _prune(self, keep: str) -> None:
-        """Delete intermediate GRPO step checkpoints other than ``keep`` (stage results stay)."""
+        """Delete intermediate GRPO step checkpoints other than ``keep`` (stage results stay).
+        Called only after a durable state.json names ``keep``, so a crash at any point leaves
+        state.json pointing at a complete checkpoint."""
         for p in self._ckpt_dir().glob("grpo*-step*"):
             if str(p) != keep and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+
+    @staticmethod
+    def _runner_dir(folder: Path) -> Path:
+        """A round's TrainRunner folder, rid of Ray Train checkpoint copies a killed driver's
+        runner left (a runner deletes its own when it stops). Safe: ``run`` is one schedule at a
+        time, so no other runner of this run writes there."""
+        shutil.rmtree(folder / "ray_train", ignore_errors=True)
+        return folder
 
     def _sync_pool(self, weights: Any, version: int) -> float:
         t0 = time.time()
@@ -300,8 +336,7 @@ class SelfEvolutionDriver:
             out = self._eval_path(label, split)
             known = self._known_evals.pop((label, split), None)
             if known and known.get("n") == min(limit, len(qs)) and Path(known.get("path", "")).is_file():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(known["path"], out)  # same policy, same questions, greedy
+                atomic_write_with(out, lambda tmp: shutil.copyfile(known["path"], tmp))  # same policy, questions, greedy
                 results[split] = {k: v for k, v in known.items() if k != "path"}
                 log.info("eval %s %s: the OPSD round's validation of this policy, reused", label, split)
             else:
@@ -332,7 +367,7 @@ class SelfEvolutionDriver:
         if st.step >= steps:
             return
         self._live["detail"] = "starting the GRPO trainer"
-        self.runner = TrainRunner(cfg, st.policy, GRPOTask(cfg), str(self.run_dir / "train" / f"grpo{cycle}"))
+        self.runner = TrainRunner(cfg, st.policy, GRPOTask(cfg), str(self._runner_dir(self.run_dir / "train" / f"grpo{cycle}")))
         pending: list[tuple[str, dict]] = []
         try:
             for step in range(st.step, steps):
@@ -374,6 +409,7 @@ class SelfEvolutionDriver:
         cfg, st = self.cfg, self.state
         self._live["detail"] = f"OPSD cycle {cycle}"
         out = self.run_dir / "opsd" / f"c{cycle}"
+        self._runner_dir(out / "train")  # run_opsd_round's runner lives there
         train = self.questions["train"]
         if cfg.data.max_train_questions:
             train = train[: cfg.data.max_train_questions]

@@ -3,7 +3,8 @@
 Rollout actors call ``handle.retrieve.remote(queries, topk)`` (one call per batch of queries);
 outside tools call ``POST <route_prefix>`` with Search-R1's JSON (searche1_ray/retrieval/api.py).
 Both paths feed one ``@serve.batch`` queue, so concurrent callers share one encode and one
-search per batch. Replicas autoscale between ``retriever.min_replicas`` and ``max_replicas``.
+search per batch; a call whose search fails (say, text the tokenizer refuses) fails alone, not the
+callers batched with it. Replicas autoscale between ``retriever.min_replicas`` and ``max_replicas``.
 A bad request gets a JSON error (400 / 413 / 422); nothing a caller sends can kill a replica.
 """
 
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse
 from searche1_ray.config import Config, RetrieverConfig
 from searche1_ray.retrieval.api import RequestError, check_queries, check_topk, format_response, \
     parse_request
+from searche1_ray.retrieval.search import search_calls
 
 log = logging.getLogger("searche1.retriever")
 
@@ -56,27 +58,29 @@ class Retriever:
                  self.searcher.meta["encoder"]["name"], time.perf_counter() - t0)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _search_batch(self, calls: list[tuple[list[str], int]]) -> list[list[list[dict]]]:
+    async def _search_batch(self, calls: list[tuple[list[str], int]]) -> list[list[list[dict]] | Exception]:
         """All queries of all calls in the batch: one encode and one search with the largest
-        top-k, then each call gets its own queries cut to its own top-k."""
-        queries = [q for qs, _ in calls for q in qs]
-        k = max(topk for _, topk in calls)
+        top-k, then each call gets its own queries cut to its own top-k. A call whose search
+        fails gets its exception (``search_calls``); the others batched with it their hits."""
         t0 = time.perf_counter()
-        hits = await asyncio.to_thread(self.searcher.search, queries, k)
+        out = await asyncio.to_thread(search_calls, self.searcher.search, calls)
         self.search_seconds += time.perf_counter() - t0
         self.batches += 1
-        out, start = [], 0
-        for qs, topk in calls:
-            out.append([h[:topk] for h in hits[start:start + len(qs)]])
-            start += len(qs)
         return out
+
+    async def _search(self, queries: list[str], topk: int) -> list[list[dict]]:
+        """This call's hits from the shared batch; its own failure raised here."""
+        hits = await self._search_batch((queries, topk))
+        if isinstance(hits, Exception):
+            raise hits
+        return hits
 
     async def retrieve(self, queries: list[str], topk: int | None = None) -> list[list[dict]]:
         """Hits ``{"document": {"id", "contents"}, "score"}`` per query, best first. A blank query
         gets no hits; a malformed call raises ``ValueError`` naming the problem."""
         queries = check_queries(queries, self.rcfg.max_queries_per_request, allow_blank=True)
         topk = self.rcfg.topk if topk is None else check_topk(topk)
-        return await self._search_batch((queries, topk))
+        return await self._search(queries, topk)
 
     async def __call__(self, request: Request) -> JSONResponse:
         if request.method != "POST":
@@ -90,7 +94,7 @@ class Retriever:
             self._check_size(len(body))
             req = parse_request(body, self.rcfg.max_queries_per_request,
                                 self.rcfg.topk)
-            hits = await self._search_batch((req.queries, req.topk))
+            hits = await self._search(req.queries, req.topk)
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         except Exception as e:  # a bug must not take the replica down with it

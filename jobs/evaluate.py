@@ -74,8 +74,10 @@ def corpus_path(cfg, data: Path) -> Path:
 def out_dir(cfg, args, model: str, data: Path) -> Path:
     if args.out:
         return Path(args.out).expanduser()
+    from searche1_ray.run_folder import resolve_output_dir
+
     name = data.name if data.is_dir() else f"{data.parent.name}-{data.stem}"
-    return Path(cfg.run.output_dir).expanduser() / "eval" / f"{_slug(Path(model).name)}__{_slug(name)}"
+    return resolve_output_dir(cfg.run.output_dir) / "eval" / f"{_slug(Path(model).name)}__{_slug(name)}"
 
 
 def dry_run(cfg, args) -> int:

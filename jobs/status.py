@@ -3,6 +3,7 @@
     python -m jobs.status smoke
     python -m jobs.status runs/smoke --address auto
     python -m jobs.status smoke --scale-rollout 2     # resize the live rollout pool
+    python -m jobs.status smoke --address auto --stop # ask the live driver to finish its step and stop
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.status", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run name (under runs/) or run folder")
+    p.add_argument("run", help="run name (under runs/, or ~/searche1-ray/runs/ for a run a Ray job wrote) or run folder")
     p.add_argument("--address", default="", help="Ray address of a live run (e.g. auto); default: read state.json")
     p.add_argument("--scale-rollout", type=int, metavar="N", help="set the live run's rollout workers to N")
+    p.add_argument("--stop", action="store_true",
+                   help="ask the live run's driver to finish its current step, save and stop "
+                        "(resumable with `python -m jobs.train --resume RUN`)")
     p.add_argument("--json", action="store_true", help="print raw JSON")
     args = p.parse_args(argv)
 
@@ -36,16 +40,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.scale_rollout is not None:
             print(f"rollout workers: {ray.get(driver.scale_rollout.remote(args.scale_rollout))}")
+        if args.stop:
+            ray.get(driver.request_stop.remote())
+            print(f"asked run '{args.run}' to stop after its current step")
         status = ray.get(driver.status.remote())
-    elif args.scale_rollout is not None:
-        print("status: --scale-rollout needs --address of the live run", file=sys.stderr)
+    elif args.scale_rollout is not None or args.stop:
+        print("status: --scale-rollout and --stop need --address of the live run", file=sys.stderr)
         return 2
     else:
+        from searche1_ray.config import RunConfig
+        from searche1_ray.run_folder import find_run_dir
         from searche1_ray.run_state import load_state
 
-        run_dir = Path(args.run) if Path(args.run, "state.json").is_file() else Path("runs") / args.run
         try:
-            st = load_state(run_dir)
+            st = load_state(find_run_dir(args.run, RunConfig().output_dir, "state.json"))
         except (FileNotFoundError, ValueError) as e:
             print(f"status: {e}", file=sys.stderr)
             return 1

@@ -22,7 +22,6 @@ import logging
 import signal
 import sys
 import time
-from pathlib import Path
 
 from jobs._cli import add_address_arg, add_config_args, config_errors, init_ray, setup_logging
 
@@ -37,9 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "dashboard's Metrics view (searche1_*), and `tensorboard --logdir runs/<name>/tb`.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, example="grpo.lr=1e-6")
-    p.add_argument("--name", help="run name (= run.name); the run lives in <run.output_dir>/<name>")
+    p.add_argument("--name", help="run name (= run.name); the run lives in <run.output_dir>/<name> (a relative "
+                                  "output dir inside a `ray job submit`: under ~/searche1-ray)")
     p.add_argument("--resume", metavar="RUN",
-                   help="continue the run RUN (a name under run.output_dir, or a run folder) from its state.json")
+                   help="continue the run RUN (a name under run.output_dir — here or, for a run a Ray job "
+                        "wrote, under ~/searche1-ray — or a run folder) from its state.json")
     add_address_arg(p)
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
     p.add_argument("--dry-run", action="store_true",
@@ -48,21 +49,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# --set keys a resume may change: where and how the run is hosted, not what it computes
+RESUME_HOST_KEYS = ("run.ray_address", "run.num_cpus", "run.dashboard", "run.dashboard_port")
+
+
 def load_run_config(args: argparse.Namespace):
-    from searche1_ray.config import load_config
+    """The config of a new run (--config + --set + --name), or of the run to ``--resume``: its
+    saved config.yaml. A resume refuses --set values that differ from the saved config (other
+    than ``RESUME_HOST_KEYS``): the run would no longer be the run it was, and silently ignoring
+    them would be worse."""
+    from searche1_ray.config import ConfigError, config_diff, load_config
+    from searche1_ray.run_folder import find_run_dir
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "state.json").is_file():
-            output_dir = load_config(args.config).run.output_dir
-            run_dir = Path(output_dir) / args.resume
-        if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"train: cannot resume '{args.resume}': no {run_dir}/config.yaml "
-                             "(start it first without --resume)")
-        overrides = [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *args.overrides]
-        return load_config(run_dir / "config.yaml", overrides)
+        try:
+            run_dir = find_run_dir(args.resume, load_config(args.config).run.output_dir, "config.yaml")
+        except FileNotFoundError as e:
+            raise SystemExit(f"train: cannot resume: {e} (start it first without --resume)") from None
+        where = [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}"]
+        saved = load_config(run_dir / "config.yaml", where)
+        cfg = load_config(run_dir / "config.yaml", [*where, *args.overrides])
+        changed = [(k, a, b) for k, a, b in config_diff(saved, cfg) if k not in RESUME_HOST_KEYS]
+        if changed:
+            what = ", ".join(f"{k} (saved {a!r}, --set {b!r})" for k, a, b in changed)
+            raise ConfigError(f"train: cannot resume '{args.resume}' with --set values that differ from its "
+                              f"saved config ({run_dir / 'config.yaml'}): {what}. A resume continues the "
+                              f"run as it was configured; start a new run with --name to change them")
+        return cfg
     overrides = list(args.overrides) + ([f"run.name={args.name}"] if args.name else [])
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    cfg.run.output_dir = str(cfg.run_dir.parent)  # absolute: the driver actor's cwd may differ
+    return cfg
 
 
 def dry_run(cfg) -> int:
@@ -98,16 +115,22 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(cfg)
     import ray
 
-    from actors.driver import NAMESPACE, SelfEvolutionDriver, driver_name
+    from actors.driver import NAMESPACE, RunAlreadyRunning, SelfEvolutionDriver, already_running_message, \
+        driver_name
 
+    log.info("run folder: %s", cfg.run_dir)
     init_ray(cfg, args.address)
     name = driver_name(cfg.run.name)
     try:
         driver = ray.get_actor(name, namespace=NAMESPACE)
-        log.info("attaching to the running driver %s", name)
     except ValueError:
         driver = SelfEvolutionDriver.options(name=name, namespace=NAMESPACE, lifetime="detached",
                                              max_restarts=0).remote(cfg.to_dict(), resume=bool(args.resume))
+    else:  # a driver of this name lives on: one schedule per run, so only if it is idle
+        if ray.get(driver.status.remote(), timeout=60).get("active"):
+            print(f"train: {already_running_message(cfg.run.name)}", file=sys.stderr)
+            return 1
+        log.info("attaching to the idle driver %s", name)
     done = driver.run.remote()
     stopping = {"at": 0.0}
 
@@ -137,17 +160,23 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
                     last_line = line
     except ray.exceptions.RayError as e:
-        print(f"train: the run failed: {e}", file=sys.stderr)
-        code = 1
-        status = None
+        if isinstance(getattr(e, "cause", None), RunAlreadyRunning):  # another job won the race
+            print(f"train: {e.cause}", file=sys.stderr)
+            driver = None  # the driver is that job's: leave it running
+        else:
+            print(f"train: the run failed: {e}", file=sys.stderr)
+        code, status = 1, None
     except KeyboardInterrupt:
         print("train: aborted; state.json holds the last finished step", file=sys.stderr)
         code, status = 130, None
     finally:
         try:
-            ray.kill(driver)
+            if driver is not None:
+                ray.kill(driver)
         except Exception:
             pass
+    if driver is None:
+        return code
     run_dir = cfg.run_dir.resolve()
     if status is not None:
         print(f"run {status['status']} in {(time.time() - t0) / 60:.1f} min")

@@ -53,6 +53,7 @@ def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool
     from actors.rollout_worker import RolloutPool
     from searche1_ray.data.prepare import prepare_data, read_splits
     from searche1_ray.data.sampling import step_questions, strata
+    from searche1_ray.durable import atomic_write
     from searche1_ray.evaluation import evaluate_split
     from searche1_ray.grpo_round import grpo_step
     from searche1_ray.training.runner import TrainRunner
@@ -60,7 +61,7 @@ def run_round(cfg, model_path: str, steps: int, eval_n: int = 0, warmstart: bool
 
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    atomic_write(run_dir / "config.yaml", cfg.to_yaml())
     data = prepare_data(cfg)
     splits = read_splits(cfg, data)
     train = splits["train"]

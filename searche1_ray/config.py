@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     name: str = "smoke"            # run directory is <output_dir>/<name>
+    # relative: against the current directory, or ~/searche1-ray inside a `ray job submit`
+    # (searche1_ray/run_folder.py); a multi-node cluster needs an absolute path on shared storage
     output_dir: str = "runs"
     seed: int = 0
     cycles: int = 1                # GRPO -> OPSD cycles (the paper: 2)
@@ -241,7 +243,11 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.output_dir).expanduser() / self.run.name
+        """``<run.output_dir>/<run.name>``, absolute (``run_folder.resolve_output_dir``: a relative
+        output dir of a Ray job lands under ~/searche1-ray, not in Ray's temporary package)."""
+        from searche1_ray.run_folder import resolve_output_dir
+
+        return resolve_output_dir(self.run.output_dir) / self.run.name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -488,6 +494,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     return validate(_build(Config, tree, ""))
+
+
+def config_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs, in config order."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in list(a) + [k for k in b if k not in a]:
+                walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            out.append((prefix.rstrip("."), a, b))
+
+    walk(old.to_dict(), new.to_dict(), "")
+    return out
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

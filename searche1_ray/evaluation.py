@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from searche1_ray.data.published_layout import MULTI_HOP, SINGLE_HOP
+from searche1_ray.durable import atomic_write, atomic_write_with
 from searche1_ray.paired import em_by_type, question_types
 from searche1_ray.rewards import exact_match
 
@@ -153,13 +154,6 @@ def discover_datasets(path: str | os.PathLike, names: Sequence[str] | None = Non
 
 # --- running -------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _trajectory_row(row: dict, question: dict, dataset: str, qtype: str = "") -> dict:
     golden = list(question["golden_answers"])
     return {"question_id": str(question["id"]), "dataset": dataset, "type": qtype,
@@ -184,10 +178,8 @@ def _write_trajectories(rows: list[dict], path: Path) -> None:
                         ("queries", pa.list_(pa.string())), ("response", pa.string()),
                         ("response_tokens", pa.int64()), ("finish_reason", pa.string()),
                         ("policy_version", pa.int64())])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    os.replace(tmp, path)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def evaluate_split(pool: Any, questions: Sequence[dict], out_path: str | os.PathLike | None,
@@ -305,7 +297,7 @@ def evaluate(cfg: Any, pool: Any, datasets: dict[str, EvalDataset] | dict[str, l
                            dataset=name, progress=progress)
         r.update({"dataset": name, "group": ds.group, "source": ds.source, "model": model,
                   "temperature": temperature})
-        _atomic_write(out / "datasets" / f"{_slug(name)}.json", json.dumps(r, indent=2))
+        atomic_write(out / "datasets" / f"{_slug(name)}.json", json.dumps(r, indent=2))
         log.info("eval: %s EM %.3f, %.2f searches, %.2f questions/s", name, r["em"], r["num_searches"],
                  r["questions_per_s"])
         results[name] = r
@@ -446,7 +438,7 @@ def write_report(summary: dict[str, Any], out_dir: str | os.PathLike, paper_rows
     """``eval.json``, ``table.md`` and ``em.png`` in ``out_dir``."""
     out = Path(out_dir)
     paths = {"json": out / "eval.json", "table": out / "table.md", "plot": out / "em.png"}
-    _atomic_write(paths["json"], json.dumps(summary, indent=2))
-    _atomic_write(paths["table"], markdown_table(summary, paper_rows))
+    atomic_write(paths["json"], json.dumps(summary, indent=2))
+    atomic_write(paths["table"], markdown_table(summary, paper_rows))
     plot_em(summary, paths["plot"], paper_rows)
     return paths

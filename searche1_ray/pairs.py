@@ -158,8 +158,9 @@ def mine_pairs(rollouts: Sequence[dict[str, Any]] | pa.Table | Any, num_referenc
     table = pa.concat_tables(blocks, promote_options="default") if blocks else PAIR_SCHEMA.empty_table()
     table = table.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA).sort_by("question_id")
     if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, str(out_path))
+        from searche1_ray.durable import atomic_write_with
+
+        atomic_write_with(out_path, lambda tmp: pq.write_table(table, str(tmp)))
     mined = table.to_pylist()
     counts = pair_counts(mined)
     log.info("pair mining: %d questions -> %d pairs (%d incorrect students, %d correct fallbacks), "

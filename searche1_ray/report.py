@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from searche1_ray.durable import atomic_write, atomic_write_with
 from searche1_ray.paired import em_by_type, paired_changes
 from searche1_ray.run_state import RunState
 
@@ -103,7 +104,7 @@ def _plot(state: RunState, out: Path) -> list[str]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "reward.png", dpi=110)
+        atomic_write_with(out / "reward.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         made.append("reward.png")
     if state.evals:
@@ -118,7 +119,7 @@ def _plot(state: RunState, out: Path) -> list[str]:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "em.png", dpi=110)
+        atomic_write_with(out / "em.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         made.append("em.png")
     return made
@@ -138,6 +139,4 @@ def write_report(state: RunState, run_dir: str | Path) -> Path:
         lines += ["## Curves", ""] + [f"![{img[:-4]}]({img})" for img in images] + [""]
     lines += ["Files: `state.json` (schedule and metrics), `config.yaml` (resolved config), "
               "`rollouts/` (Parquet), `tb/` (TensorBoard), `checkpoints/`.", ""]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write(run_dir / "report.md", "\n".join(lines))

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from searche1_ray.durable import atomic_write
 
 
 def schedule(cycles: int, warmstart: bool) -> list[str]:
@@ -89,20 +90,10 @@ def state_path(run_dir: str | os.PathLike) -> Path:
 
 
 def save_state(run_dir: str | os.PathLike, state: RunState) -> None:
-    """Write state.json atomically (temp file in the same folder + fsync + rename)."""
+    """Write state.json atomically and durably (temp file in the same folder, fsync, rename,
+    fsync the folder): once this returns, a crash leaves this state or a later one."""
     state.updated = time.time()
-    path = state_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(state.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(state_path(run_dir), state.to_json())
 
 
 def load_state(run_dir: str | os.PathLike) -> RunState:

@@ -6,7 +6,8 @@
 Like Search-R1's server, ``return_scores`` defaults to false, and then each hit is the bare
 document ``{"id", "contents"}``. Bad requests raise ``RequestError`` with an HTTP status:
 400 for a body that is not JSON, 413 for more queries than the server takes in one request,
-422 for a field of the wrong type or value (empty query, topk outside 1..100).
+422 for a field of the wrong type or value (empty query, text that is not valid Unicode such as a
+lone surrogate, topk outside 1..100).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def check_queries(queries: Any, max_queries: int, allow_blank: bool = False) -> 
             raise RequestError(422, f"queries[{i}] must be a string, got {_type_name(q)}")
         if not allow_blank and not q.strip():
             raise RequestError(422, f"queries[{i}] is empty: every query needs some text")
+        try:
+            q.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"): JSON allows it, tokenizers don't
+            raise RequestError(422, f"queries[{i}] is not valid Unicode text: {e.reason} "
+                                    f"{q[e.start:e.end]!r} at character {e.start}; send UTF-8 text") from None
     return list(queries)
 
 

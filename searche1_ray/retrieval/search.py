@@ -4,6 +4,8 @@ look the passages up in the memory-mapped store.
     score(q, p) = <e(q), e(p)>  = cosine similarity (embeddings are L2-normalised)
 
 Results are Search-R1 hits ``{"document": {"id", "contents"}, "score"}``, best first.
+``search_calls`` serves a batch of callers with one search and keeps a failing caller's error
+its own.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -124,3 +126,37 @@ class Searcher:
             rows[i, :good.sum()] = r[0][good]
             scores[i, :good.sum()] = s[0][good]
         return rows, scores
+
+
+Hits = list[list[dict]]
+
+
+def search_calls(search: Callable[[list[str], int], Hits],
+                 calls: Sequence[tuple[Sequence[str], int]]) -> list[Hits | Exception]:
+    """Serve a batch of calls ``(queries, topk)``: one ``search`` over all their queries with the
+    largest top-k, each call then gets its own queries cut to its own top-k.
+
+    If that search raises (text the tokenizer refuses, say), every call is searched on its own, so
+    one bad call cannot fail the callers batched with it: a call that fails alone gets its
+    exception in its place of the result (the caller raises it), the others their hits.
+    """
+    queries = [q for qs, _ in calls for q in qs]
+    try:
+        hits = search(queries, max(topk for _, topk in calls))
+    except Exception as e:
+        if len(calls) == 1:
+            return [e]
+        log.warning("a batch of %d calls failed (%s: %s); searching each call alone", len(calls),
+                    type(e).__name__, e)
+        out: list[Hits | Exception] = []
+        for qs, topk in calls:
+            try:
+                out.append(search(list(qs), topk))
+            except Exception as alone:
+                out.append(alone)
+        return out
+    out, start = [], 0
+    for qs, topk in calls:
+        out.append([h[:topk] for h in hits[start:start + len(qs)]])
+        start += len(qs)
+    return out

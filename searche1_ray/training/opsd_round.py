@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from searche1_ray.config import Config
+from searche1_ray.durable import atomic_write_with, replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ def _write_rows(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    table = pa.Table.from_pylist(rows)
+    atomic_write_with(path, lambda tmp: pq.write_table(table, str(tmp)))
 
 
 def _rss_gib() -> float:
@@ -229,11 +230,7 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
     kept, evals = best.kept, [e for e in best.evals if math.isfinite(e["em"])]
     next_policy = policy
     if kept is not None and kept["folder"]:
-        final = out / "policy"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.move(kept["folder"], final)
-        next_policy = str(final)
+        next_policy = str(replace_folder(kept["folder"], out / "policy"))
     metrics.update({
         "opsd/kl_first": history[0].get("opsd/kl", 0.0), "opsd/kl_last": history[-1].get("opsd/kl", 0.0),
         "opsd/kl": sum(h.get("opsd/kl", 0.0) for h in history) / len(history),

@@ -379,9 +379,11 @@ def merge_adapter_into_policy(policy_dir: str | Path, adapter_dir: str | Path, o
     base = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged = merged.to(getattr(torch, dtype))
+    from searche1_ray.durable import durable_folder
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(policy_dir)).save_pretrained(str(out))
+    with durable_folder(out) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(policy_dir)).save_pretrained(str(tmp))
     log.info("opsd: merged %s into %s -> %s", adapter_dir, policy_dir, out)
     return str(out)

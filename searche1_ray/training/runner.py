@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -97,6 +98,9 @@ class TrainRunner:
         self._broadcast: dict | None = None
         self.steps_done = 0
         name = f"{task.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        # Ray Train's copies of this round's checkpoints (the HF folders are the run's own copies):
+        # deleted when the round's fit() has ended (``stop``), so they never pile up over rounds
+        self.storage = self.run_dir / "ray_train" / name
         from searche1_ray.plan import train_scaling_config
 
         scaling = train_scaling_config(cfg)  # the same options `jobs.evaluate --dry-run` prints
@@ -105,7 +109,7 @@ class TrainRunner:
             train_loop_config={"cfg": cfg, "task": task, "model_path": self.model_path,
                                "channel": self.channel},
             scaling_config=ScalingConfig(**{**scaling, "num_workers": self.world}),
-            run_config=RunConfig(name=name, storage_path=str(self.run_dir / "ray_train"),
+            run_config=RunConfig(name=name, storage_path=str(self.storage.parent),
                                  failure_config=FailureConfig(max_failures=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
@@ -216,7 +220,9 @@ class TrainRunner:
         return self._command("save", path=str(folder), metrics={"steps": self.steps_done})
 
     def stop(self, timeout_s: float = 120.0) -> None:
-        """End the workers' loops and wait for ``fit()`` to return (idempotent)."""
+        """End the workers' loops, wait for ``fit()`` to return and delete Ray Train's copies of
+        the round's checkpoints (``storage``; the HF folders ``save_checkpoint`` wrote stay)
+        (idempotent)."""
         if self._stopped:
             return
         self._stopped = True
@@ -228,6 +234,8 @@ class TrainRunner:
                     log.warning("Ray Train run did not end within %.0f s of stop", timeout_s)
         finally:
             ray.kill(self.channel)
+        if not self._thread.is_alive():  # fit() has returned: nothing writes there any more
+            shutil.rmtree(self.storage, ignore_errors=True)
 
     def __enter__(self) -> "TrainRunner":
         return self

@@ -24,7 +24,6 @@ ZeRO-3 (GPU) exports gather the partitioned parameters on every rank first.
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from pathlib import Path
@@ -258,26 +257,32 @@ class _Worker:
 
     def do_save(self, cmd: dict) -> str | None:
         import ray.train
-        from safetensors.torch import save_file
 
         folder = Path(cmd["path"])
         sd = self._export()
         checkpoint = None
         if self.rank == 0:
-            tmp = folder.with_name(folder.name + ".tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            self.hf_config.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            gen = Path(self.model_path) / "generation_config.json"
-            if gen.is_file():
-                (tmp / gen.name).write_bytes(gen.read_bytes())
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            save_hf_folder(folder, sd, self.hf_config, self.tokenizer, Path(self.model_path))
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(dict(cmd.get("metrics", {})), checkpoint=checkpoint,
                          checkpoint_dir_name=folder.name, delete_local_checkpoint_after_upload=False)
         return str(folder) if self.rank == 0 else None
+
+
+def save_hf_folder(folder: Path, state_dict: dict, hf_config: Any, tokenizer: Any, model_path: Path) -> Path:
+    """Write a checkpoint as an HF folder (``model.safetensors``, config, tokenizer, the source's
+    generation config) durably: into a fresh ``<folder>.tmp`` (a stale one from a crash is
+    deleted, never reused), fsynced, then renamed onto ``folder`` — so a pointer written after
+    this returns (state.json) never names a partial checkpoint."""
+    from safetensors.torch import save_file
+
+    from searche1_ray.durable import durable_folder
+
+    with durable_folder(folder) as tmp:
+        save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        gen = Path(model_path) / "generation_config.json"
+        if gen.is_file():
+            (tmp / gen.name).write_bytes(gen.read_bytes())
+    return folder

@@ -171,6 +171,32 @@ def test_bad_inputs_get_clear_errors_and_the_replica_survives(app):
     assert after["batches"] > before["batches"]
 
 
+def test_a_poisoned_query_fails_alone_in_its_batch(app):
+    """A lone surrogate (valid JSON, refused by the tokenizer) batched with good requests: it gets
+    422 naming queries[i]; every good request batched with it gets its hits."""
+    handle, url, _ = app
+    before = handle.stats.remote().result()["batches"]
+    bodies = [json.dumps({"queries": ["Zefoo Motors", "b\ud800"] if i == 5 else [f"Who founded company {i}?"],
+                          "topk": 2}) for i in range(16)]
+    assert "\\ud800" in bodies[5]  # sent escaped, as JSON allows
+
+    def one(body):
+        return requests.post(url, data=body, headers={"content-type": "application/json"}, timeout=60)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, bodies))
+    assert answers[5].status_code == 422 and "queries[1] is not valid Unicode" in answers[5].json()["error"]
+    assert all(a.status_code == 200 and len(a.json()["result"][0]) == 2 for i, a in enumerate(answers) if i != 5)
+    assert handle.stats.remote().result()["batches"] - before < 15  # they did share batches
+    calls = [handle.retrieve.remote(["\udfff"] if i == 3 else [f"company {i}"], 1) for i in range(8)]
+    for i, c in enumerate(calls):
+        if i == 3:
+            with pytest.raises(Exception, match=r"queries\[0\] is not valid Unicode"):
+                c.result()
+        else:
+            assert len(c.result()[0]) == 1
+
+
 def test_a_second_start_attaches_to_the_running_app(app, world, cfg):
     from ray import serve
 

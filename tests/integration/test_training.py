@@ -146,6 +146,7 @@ def test_grpo_runner_on_policy_ratio_weights_and_checkpoint(ray_local, model_pat
     finally:
         runner.stop()
     assert not runner._thread.is_alive()
+    assert not runner.storage.exists() and Path(folder, "model.safetensors").is_file()  # Ray Train's copy went
     with pytest.raises(RuntimeError, match="stopped"):
         runner.step(samples)
 

@@ -16,7 +16,7 @@ def test_smoke_yaml_loads_and_overrides_apply():
     assert isinstance(cfg.grpo.lr, float)
     assert cfg.rollout.group_size == 7
     assert cfg.eval.splits == ["dev", "test"]
-    assert cfg.run_dir == Path("runs") / "x1"
+    assert cfg.run_dir == Path.cwd() / "runs" / "x1"  # absolute (searche1_ray/run_folder.py)
     assert cfg.warmstart.enabled is True
 
 

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from searche1_ray.config import RetrieverConfig
 from searche1_ray.retrieval import encoders
-from searche1_ray.retrieval.api import RequestError, format_response, parse_request
+from searche1_ray.retrieval.api import RequestError, check_queries, format_response, parse_request
 from searche1_ray.retrieval.encoders import (add_prefix, clip_chars, is_e5, load_encoder,
                                              mean_pool, resolve_encoder)
 from searche1_ray.retrieval.index import PassageStore, build_index, ensure_index, index_status
-from searche1_ray.retrieval.search import Searcher
+from searche1_ray.retrieval.search import Searcher, search_calls
 
 CORPUS = [
     ("p0", "Varnholt Glassworks", "Varnholt Glassworks is a glass maker founded by Idra Moss in 1911 "
@@ -315,6 +315,8 @@ def test_valid_requests():
     (b'{"queries": []}', 422, "is empty"),
     (b'{"queries": ["a", 3]}', 422, "queries[1] must be a string, got int"),
     (b'{"queries": ["a", "  "]}', 422, "queries[1] is empty"),
+    (b'{"queries": ["a", "b\\ud800c"]}', 422, "queries[1] is not valid Unicode text: surrogates not "
+                                            "allowed '\\ud800' at character 1"),
     (b'{"queries": ["a"], "topk": 0}', 422, "between 1 and 100, got 0"),
     (b'{"queries": ["a"], "topk": 101}', 422, "between 1 and 100"),
     (b'{"queries": ["a"], "topk": "3"}', 422, "'topk' must be an integer"),
@@ -325,6 +327,47 @@ def test_valid_requests():
 def test_bad_requests_get_a_status_and_a_reason(body, status, words):
     got, message = _status(body)
     assert got == status and words in message
+
+
+def test_the_handle_path_refuses_lone_surrogates_too():
+    assert check_queries(["a", " "], 4, allow_blank=True) == ["a", " "]
+    with pytest.raises(RequestError, match=r"queries\[2\] is not valid Unicode") as e:
+        check_queries(["a", "b", "\udfff"], 4, allow_blank=True)
+    assert e.value.status == 422
+
+
+# --- one bad call in a batch fails alone ---------------------------------------------------
+
+def test_a_failing_call_does_not_fail_the_calls_batched_with_it():
+    searched = []
+
+    def search(queries, topk):
+        searched.append(list(queries))
+        if "boom" in queries:
+            raise TypeError("TextEncodeInput must be Union[...]")
+        return [[{"document": {"id": f"{q}{i}", "contents": q}, "score": 1.0 - i / 10} for i in range(topk)]
+                for q in queries]
+
+    out = search_calls(search, [(["a", "b"], 2), (["boom"], 3), (["c"], 1)])
+    assert [[h["document"]["id"] for h in per_q] for per_q in out[0]] == [["a0", "a1"], ["b0", "b1"]]
+    assert isinstance(out[1], TypeError) and [[h["document"]["id"] for h in q] for q in out[2]] == [["c0"]]
+    assert searched == [["a", "b", "boom", "c"], ["a", "b"], ["boom"], ["c"]]  # the batch, then alone
+    searched.clear()
+    ok = search_calls(search, [(["a"], 1), (["c"], 3)])  # no failure: one search, each cut to its top-k
+    assert searched == [["a", "c"]] and [len(ok[0][0]), len(ok[1][0])] == [1, 3]
+    assert isinstance(search_calls(search, [(["boom"], 1)])[0], TypeError)
+
+
+def test_a_lone_surrogate_fails_only_its_own_call_in_a_real_searcher(corpus_file, tmp_path):
+    rcfg = RetrieverConfig()
+    build_index(corpus_file, tmp_path / "idx", rcfg, use_ray=False)
+    s = Searcher(tmp_path / "idx", rcfg)
+    with pytest.raises(Exception):  # the tokenizer refuses it, and with it the whole batch
+        s.search(["Where was Idra Moss born?", "\ud800"], 1)
+    out = search_calls(s.search, [(["Where was Idra Moss born?"], 1), (["\ud800"], 1),
+                                  (["Which river flows through Quellan?"], 1)])
+    assert out[0][0][0]["document"]["id"] == "p1" and out[2][0][0]["document"]["id"] == "p7"
+    assert isinstance(out[1], Exception)
 
 
 def test_response_shapes():
