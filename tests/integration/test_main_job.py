@@ -202,6 +202,8 @@ def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path):
     for row in ("| base |", "| grpo0 |", "| opsd0 |"):
         assert row in report, (row, report)
     assert f"report: {run_dir / 'report.md'}" in logs
+    assert f"run folder: {run_dir}" in logs
+    assert not list(run_dir.rglob("*.tmp"))  # no partial checkpoint or file left
     assert list((run_dir / "rollouts").rglob("*.parquet"))
     # the dashboard / Prometheus gauges were live while it ran, with the stage by name
     assert {"ray_searche1_cycle", "ray_searche1_step", "ray_searche1_stage_index",
