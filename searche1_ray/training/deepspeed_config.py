@@ -19,9 +19,10 @@ def deepspeed_config(train: TrainConfig, grad_clip: float, world_size: int) -> d
     """The DeepSpeed JSON config for a run of ``train.num_workers`` ranks.
 
     CPU: ZeRO stage ``train.zero_stage`` (2 by default; optimizer states and gradients
-    partitioned over ranks, full bf16 parameters on each rank), fp32 gradient communication
-    (gloo reduces bf16 slowly and less exactly). GPU: ZeRO-3 (parameters partitioned too;
-    gathered for weight export) with bf16.
+    partitioned over ranks, full bf16 parameters on each rank; 3 runs on CPU too, over gloo),
+    fp32 gradient communication (gloo reduces bf16 slowly and less exactly). GPU: ZeRO-3
+    (parameters partitioned too; gathered for weight export and the lean OPSD loss's LM head:
+    ``tasks.full_parameters``) with bf16.
     """
     stage = train.zero_stage
     bf16 = resolve_bf16(train.bf16, train.use_gpu)

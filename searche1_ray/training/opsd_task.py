@@ -38,7 +38,7 @@ from searche1_ray.opsd import clipped_forward_kl, clipped_forward_kl_lean
 from searche1_ray.trajectory import (INSTRUCTION, action_token_positions, information_texts,
                                     shorten_information)
 
-from searche1_ray.training.tasks import TrainTask
+from searche1_ray.training.tasks import TrainTask, full_parameters
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,13 @@ def response_hidden(peft_model: Any, input_ids: Tensor, attention_mask: Tensor, 
 def opsd_loss(model: Any, batch: dict[str, Tensor], tau_clip: float, lean: bool,
               chunk_size: int = LEAN_CHUNK_SIZE, agg: str = "token_mean") -> tuple[Tensor, dict[str, float]]:
     """Eq. 7 for a collated micro-batch: teacher = adapter disabled, no grad, teacher input;
-    student = adapter on, student input; both over the student's response positions."""
+    student = adapter on, student input; both over the student's response positions.
+
+    The decoder and the head run as modules (ZeRO-3 gathers their weights around each call).
+    The lean loss reads the head's weight matrix itself, outside any module call, so it is
+    gathered for the loss (``full_parameters``: a no-op below ZeRO-3); the lean loss builds its
+    gradient inside that call, and the head is frozen (only the adapter trains), so nothing
+    needs the full matrix after the block."""
     pm = _unwrap(model)
     dev = next(p for p in pm.parameters()).device
     batch = {k: v.to(dev) for k, v in batch.items()}
@@ -272,8 +278,15 @@ def opsd_loss(model: Any, batch: dict[str, Tensor], tau_clip: float, lean: bool,
                                batch["student_positions"])
     head = pm.get_base_model().get_output_embeddings()
     if lean:
-        loss, stats = clipped_forward_kl_lean(s_hidden, t_hidden, head.weight, mask, tau_clip,
-                                              chunk_size=chunk_size, return_stats=True, agg=agg)
+        weight = head.weight
+        if hasattr(weight, "ds_id") and weight.requires_grad:
+            raise NotImplementedError(
+                "opsd: the lean loss under ZeRO-3 needs a frozen LM head (its gathered weight is "
+                "released before backward); keep lm_head out of opsd.target_modules or set "
+                "opsd.lean_loss=false")
+        with full_parameters([weight]):
+            loss, stats = clipped_forward_kl_lean(s_hidden, t_hidden, weight, mask, tau_clip,
+                                                  chunk_size=chunk_size, return_stats=True, agg=agg)
     else:
         with torch.no_grad():
             t_logits = head(t_hidden)

@@ -23,9 +23,10 @@ Samples (pipelines.py) are dicts of 1-D numpy arrays aligned to ``input_ids``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -111,6 +112,29 @@ def rank_micro_batches(minibatch: Sequence[dict], rank: int, world: int, micro_b
 def shortest_row(minibatch: Sequence[dict]) -> int:
     """Index of the shortest sample: what a zero-weight padding micro-batch runs on."""
     return min(range(len(minibatch)), key=lambda i: len(minibatch[i]["input_ids"]))
+
+
+@contextlib.contextmanager
+def full_parameters(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside the block, ``params`` hold their full values on every rank, whatever the ZeRO stage.
+
+    ZeRO-3 partitions each parameter over the ranks (``param.data`` is an empty placeholder,
+    the rank's slice lives in ``param.ds_tensor``) and gathers it only around a module's own
+    forward/backward; code that reads a weight outside that — an export, a loss that takes the
+    LM-head matrix itself — must gather it first. This gathers the partitioned ones (those with
+    a ``ds_id``) read-only (``modifier_rank=None``: nothing is broadcast back; they are
+    partitioned again on exit). Every rank must enter the block (it is an all-gather). Under
+    ZeRO 0-2, or for a plain model, nothing is partitioned: the block costs one pass over
+    ``params`` and does not import DeepSpeed.
+    """
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 def full_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -19,7 +19,10 @@ through the CommandChannel (runner.py) until ``stop``:
     logprobs    per-sample log-probs under the current weights (for checks)
     bcast_*     rank 0 joins the engines' weight-sync group and broadcasts (engine/weight_sync.py)
 
-ZeRO-3 (GPU) exports gather the partitioned parameters on every rank first.
+Under ZeRO-3 (GPU, or ``train.zero_stage=3`` on CPU) each parameter is partitioned over the
+ranks and only gathered around a module's forward/backward, so every rank runs the same number
+of forwards in ``step`` and ``logprobs`` (padding with dummies), and exports gather the
+parameters on every rank first (``tasks.full_parameters``).
 """
 
 from __future__ import annotations
@@ -200,12 +203,12 @@ class _Worker:
         return metrics
 
     def _export(self) -> dict | None:
-        if self.zero3:
-            import deepspeed
+        """Rank 0: the task's export (full HF state dict). Every rank must call it: under ZeRO-3
+        the parameters are gathered from all ranks first (``full_parameters``; no-op below)."""
+        from searche1_ray.training.tasks import full_parameters
 
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                return self.task.export_weights(self.module) if self.rank == 0 else None
-        return self.task.export_weights(self.module) if self.rank == 0 else None
+        with full_parameters(self.module.parameters()):
+            return self.task.export_weights(self.module) if self.rank == 0 else None
 
     def do_weights(self, cmd: dict) -> list | None:
         sd = self._export()
@@ -245,11 +248,15 @@ class _Worker:
         (batch,) = ray.get(cmd["batch"])
         self.module.eval()
         mine = {}
+        rows = list(range(self.rank, len(batch), self.world))
+        if self.zero3:  # every forward all-gathers weights: all ranks run as many (None = padding)
+            rows += [None] * (-(-len(batch) // self.world) - len(rows))
         with torch.no_grad():
-            for i in range(self.rank, len(batch), self.world):
-                b = self._to_device(pad_samples([batch[i]], ["input_ids"]))
+            for i in rows:
+                b = self._to_device(pad_samples([batch[0 if i is None else i]], ["input_ids"]))
                 lp = causal_logprobs(self.module, b["input_ids"], b["attention_mask"])[0]
-                mine[i] = np.concatenate([[0.0], lp.float().cpu().numpy()]).astype(np.float32)
+                if i is not None:
+                    mine[i] = np.concatenate([[0.0], lp.float().cpu().numpy()]).astype(np.float32)
         merged: dict[int, Any] = {}
         for part in self._gather_objects(mine):
             merged.update(part)

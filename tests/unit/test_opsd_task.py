@@ -457,3 +457,91 @@ def test_make_sample_weighs_action_tokens_with_opsd_action_weight():
                for i, m in enumerate(s["loss_mask"]))
     with pytest.raises(ValueError, match="opsd.action_weight"):
         load_config(None, ["opsd.action_weight=0"])
+
+
+# ------------------------------------------------------------------ ZeRO-3 partitioned head (simulated)
+
+
+class _FakeGathered:
+    """Stands in for ``deepspeed.zero.GatheredParameters`` over the simulated partitioning below:
+    the full value is back in ``param.data`` inside the block, the empty placeholder after."""
+
+    calls: list = []
+
+    def __init__(self, params, modifier_rank=None):
+        self.params = list(params)
+        _FakeGathered.calls.append(([id(p) for p in self.params], modifier_rank))
+
+    def __enter__(self):
+        for p in self.params:
+            p.data = p.ds_full
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.data = torch.empty(0, dtype=p.ds_full.dtype)
+
+
+def test_lean_loss_gathers_a_zero3_partitioned_head(monkeypatch):
+    """Under ZeRO-3 the frozen LM head's ``weight`` is an empty placeholder outside a module call
+    (DeepSpeed keeps the rank's slice in ``ds_tensor``); the lean loss reads that matrix itself,
+    so it must gather it: same loss and adapter gradients as with the full weight, the weight
+    partitioned again afterwards, and only that parameter gathered (read-only)."""
+    import sys
+    import types
+
+    cfg = _cfg()
+    torch.manual_seed(0)  # an untied head: the decoder keeps its embedding whole here
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=False))
+    pm = OPSDTask(cfg).prepare_model(base, cfg)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.3)
+    batch = collate_pairs(SAMPLES)
+    expected, _ = opsd_loss(pm, batch, 10.0, lean=True)
+    expected.backward()
+    want = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    pm.zero_grad(set_to_none=True)
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=_FakeGathered)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    _FakeGathered.calls = []
+    head = pm.get_base_model().get_output_embeddings().weight
+    head.ds_id, head.ds_full = 0, head.data
+    head.data = torch.empty(0)
+    try:
+        loss, m = opsd_loss(pm, batch, 10.0, lean=True)
+        assert head.numel() == 0  # partitioned again after the loss
+        loss.backward()
+    finally:
+        head.data = head.ds_full
+        del head.ds_id, head.ds_full
+    assert _FakeGathered.calls == [([id(head)], None)]
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    got = {n: p.grad for n, p in pm.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and want
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+    # a trainable partitioned head would need the gathered matrix in backward: refused by name
+    head.ds_id = 0
+    head.requires_grad_(True)
+    try:
+        with pytest.raises(NotImplementedError, match="frozen LM head"):
+            opsd_loss(pm, batch, 10.0, lean=True)
+    finally:
+        del head.ds_id
+        head.requires_grad_(False)
+
+
+def test_full_parameters_gathers_only_partitioned_parameters(monkeypatch):
+    """Below ZeRO-3 (no ``ds_id``) the block gathers nothing and imports no DeepSpeed."""
+    import sys
+
+    from searche1_ray.training.tasks import full_parameters
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # any import of it would raise
+    plain = torch.nn.Linear(3, 2)
+    with full_parameters(plain.parameters()):
+        assert plain.weight.shape == (2, 3)
