@@ -24,6 +24,34 @@ Last three lines (Serve over HTTP against searchr1-fp32, the faster of the two b
   serve_vs_searchr1_qps_batched=   q/s ratio for 64-query requests: the lower of 1x64 and 4x64
   serve_vs_searchr1_p50_at_1=      p50 latency ratio at one single-query client (lower is better)
 
+Measured 2026-12-07 05:49-06:00 UTC, NOT on a quiet machine (another engineer's Ray integration
+tests and an ablation ran throughout; 1-min load 6-21 on 2 cores), 100/200/400/10/20 requests:
+
+  server         1x1 q/s (p50 ms)  8x1   32x1 (p99 ms)  1x64   4x64   load
+  serve-http     19.5 (48.6)       33.8  43.1 (1115)    89.6   98.4   6-7
+  serve-handle   19.2 (44.0)       28.1  44.5 (1167)    77.8  110.1   7
+  searchr1-fp32  24.8 (39.3)       28.5  29.8 (1442)   126.7  140.1   8-14
+  searchr1-fp16   5.9 (79.5)       18.2  15.6 (3220)     4.2    7.3   10-21
+  serve_vs_searchr1_qps_at_32=1.45  serve_vs_searchr1_qps_batched=0.70  serve_vs_searchr1_p50_at_1=1.23
+
+An earlier run the same morning (load 12-26, baseline at nice 0) gave 2.14 / 2.03 / 1.21. Under
+this load both servers ran 2-4x below their quiet figures (issue 21: Search-R1 fp32 89 / 98 / 78 /
+353 / 319 q/s), so the baseline is not yet shown within +-25% of them and the targets are not yet
+shown met: rerun on an idle machine. What the runs did show:
+  * the continuous batcher (searche1_ray/retrieval/batcher.py) instead of @serve.batch: batches
+    are cut only when the searcher is free, so 1 client pays no wait timer, and Ray's batch loop
+    no longer cuts 10 ms batches while the previous one runs (run 2: 1,644 calls in 438 batches
+    over all shapes; the mean batch per shape was not recorded);
+  * retriever.num_threads=2 on a busy 2-core machine collapsed (serve-http 1x1 1.9 q/s, 32x1 13.9,
+    4x64 25 q/s at load 10-16): with the other core taken, OpenMP waits for its second thread.
+    The default stays ceil(num_cpus) = 1 thread for the 0.5-CPU replica; Search-R1's server runs
+    torch's default 2 threads, which is why it leads at 64-query requests when the machine is idle
+    enough to give it both cores;
+  * fp16 (and bf16: no AMX / AVX512-BF16 here) encoders run 4-10x slower than fp32 on this AVX2
+    EPYC; the replica keeps fp32 on CPU;
+  * Arrow ``take`` for the passage lookup was slower than the row-by-row chunk lookup (~370 ms vs
+    16 ms for 192 rows under load) and was not kept.
+
     python -m bench.retriever                                     # all servers, all shapes
     python -m bench.retriever --servers serve --requests 50,100,200,5,10   # a quick look
     python -m bench.retriever --set retriever.batch_wait_timeout_s=0.005
