@@ -2,15 +2,16 @@
 
 Rollout actors call ``handle.retrieve.remote(queries, topk)`` (one call per batch of queries);
 outside tools call ``POST <route_prefix>`` with Search-R1's JSON (searche1_ray/retrieval/api.py).
-Both paths feed one ``@serve.batch`` queue, so concurrent callers share one encode and one
-search per batch; a call whose search fails (say, text the tokenizer refuses) fails alone, not the
-callers batched with it. Replicas autoscale between ``retriever.min_replicas`` and ``max_replicas``.
+Both paths feed one continuous batcher (searche1_ray/retrieval/batcher.py): the calls that
+arrive while a batch is encoded and searched go together as the next batch, so concurrent
+callers share one encode and one search, and a lone caller waits for no timer. A call whose
+search fails (say, text the tokenizer refuses) fails alone, not the callers batched with it.
+Replicas autoscale between ``retriever.min_replicas`` and ``max_replicas``.
 A bad request gets a JSON error (400 / 413 / 422); nothing a caller sends can kill a replica.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import math
@@ -38,39 +39,38 @@ class Retriever:
     def __init__(self, index_dir: str, rcfg: dict[str, Any]):
         import torch
 
+        from searche1_ray.retrieval.batcher import ContinuousBatcher
         from searche1_ray.retrieval.search import Searcher
 
         self.rcfg = RetrieverConfig(**rcfg)
         self.index_dir = str(Path(index_dir).expanduser().resolve())
-        torch.set_num_threads(max(1, math.ceil(self.rcfg.num_cpus)))
+        threads = self.rcfg.num_threads or max(1, math.ceil(self.rcfg.num_cpus))
+        torch.set_num_threads(threads)
         t0 = time.perf_counter()
         # the encoder runs on the replica's GPU when it has one; the index moves there only
         # with retriever.faiss_gpu (wiki-18's flat index is ~60 GB in fp32)
         self.searcher = Searcher(index_dir, self.rcfg, use_gpu=self.rcfg.num_gpus > 0,
-                                 faiss_threads=max(1, math.ceil(self.rcfg.num_cpus)),
+                                 faiss_threads=threads,
                                  faiss_gpu=self.rcfg.faiss_gpu and self.rcfg.num_gpus > 0)
         self.count = len(self.searcher)
-        self._search_batch.set_max_batch_size(self.rcfg.max_batch_size)
-        self._search_batch.set_batch_wait_timeout_s(self.rcfg.batch_wait_timeout_s)
-        self.batches = 0
+        self.batcher = ContinuousBatcher(self._search_batch, self.rcfg.max_batch_size,
+                                         self.rcfg.batch_wait_timeout_s)
         self.search_seconds = 0.0
-        log.info("retriever replica ready: %d passages, encoder %s, %.1fs", self.count,
-                 self.searcher.meta["encoder"]["name"], time.perf_counter() - t0)
+        log.info("retriever replica ready: %d passages, encoder %s, %d threads, %.1fs", self.count,
+                 self.searcher.meta["encoder"]["name"], threads, time.perf_counter() - t0)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _search_batch(self, calls: list[tuple[list[str], int]]) -> list[list[list[dict]] | Exception]:
+    def _search_batch(self, calls: list[tuple[list[str], int]]) -> list[list[list[dict]] | Exception]:
         """All queries of all calls in the batch: one encode and one search with the largest
-        top-k, then each call gets its own queries cut to its own top-k. A call whose search
-        fails gets its exception (``search_calls``); the others batched with it their hits."""
+        top-k, then each call gets its own queries cut to its own top-k (a worker thread). A call
+        whose search fails gets its exception (``search_calls``); the others batched with it their hits."""
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(search_calls, self.searcher.search, calls)
+        out = search_calls(self.searcher.search, calls)
         self.search_seconds += time.perf_counter() - t0
-        self.batches += 1
         return out
 
     async def _search(self, queries: list[str], topk: int) -> list[list[dict]]:
         """This call's hits from the shared batch; its own failure raised here."""
-        hits = await self._search_batch((queries, topk))
+        hits = await self.batcher.submit(queries, topk)
         if isinstance(hits, Exception):
             raise hits
         return hits
@@ -112,7 +112,7 @@ class Retriever:
 
     def stats(self) -> dict:
         import ray
-        return {"passages": self.count, "batches": self.batches, "index_dir": self.index_dir,
+        return {"passages": self.count, "batches": self.batcher.batches, "index_dir": self.index_dir,
                 "built_at": self.searcher.meta.get("built_at"),
                 "search_seconds": round(self.search_seconds, 3),
                 "replica": ray.get_runtime_context().get_actor_id()}
@@ -152,7 +152,7 @@ def retriever_app(rcfg: RetrieverConfig, index_dir: str | Path):
     from searche1_ray.plan import retriever_deployment_options
 
     # the same options `jobs.evaluate --dry-run` prints; max_ongoing_requests is 2 x the batch
-    # size because @serve.batch only fills a batch when that many requests may wait in a replica
+    # size because a batch can only take the calls a replica has been allowed to hold
     return Retriever.options(
         **retriever_deployment_options(rcfg), health_check_period_s=10, health_check_timeout_s=30,
     ).bind(str(index_dir), dataclasses.asdict(rcfg))

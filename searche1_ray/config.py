@@ -87,8 +87,9 @@ class RetrieverConfig:
     port: int = 8000
     route_prefix: str = "/retrieve"
     app_name: str = "retriever"
-    max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.01
+    max_batch_size: int = 32           # calls (requests) joined in one encode + search at most
+    batch_wait_timeout_s: float = 0.0  # > 0: an idle replica waits this long for more calls
+    num_threads: int = 0               # torch / FAISS threads per replica; 0 = ceil(num_cpus)
     max_queries_per_request: int = 512
     max_request_bytes: int = 4 << 20  # HTTP bodies over this get 413 before they are parsed
     encode_batch_size: int = 64
@@ -268,6 +269,8 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("retriever.topk", lambda v: 1 <= v <= 100, "between 1 and 100"),
     ("retriever.port", lambda v: 0 <= v <= 65535, "a port number 0..65535"),
     ("retriever.max_batch_size", lambda v: v >= 1, ">= 1"),
+    ("retriever.batch_wait_timeout_s", lambda v: v >= 0, ">= 0"),
+    ("retriever.num_threads", lambda v: v >= 0, ">= 0 (0 = ceil(retriever.num_cpus))"),
     ("retriever.max_queries_per_request", lambda v: v >= 1, ">= 1"),
     ("retriever.max_request_bytes", lambda v: v >= 1024, ">= 1024"),
     ("retriever.min_replicas", lambda v: v >= 1, ">= 1"),
