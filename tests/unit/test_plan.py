@@ -141,15 +141,21 @@ def test_resource_settings_are_validated(override, message):
     assert str(e.value).startswith(message)
 
 
-@pytest.mark.parametrize("size", ["3b", "7b"])
-def test_dry_run_prints_the_plan_and_starts_nothing(size):
-    code = ("import sys; from jobs.evaluate import main; rc = main(['--config', sys.argv[1], '--dry-run']); "
+def dry_run(job: str, size: str) -> str:
+    """stdout of ``python -m jobs.<job> --config <paper size> --dry-run``, run in a fresh
+    interpreter that must import neither Ray nor vLLM and exit 0."""
+    code = (f"import sys; from jobs.{job} import main; rc = main(['--config', sys.argv[1], '--dry-run']); "
             "assert 'ray' not in sys.modules and 'vllm' not in sys.modules, 'dry run imported ray/vllm'; "
             "sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, str(PAPER[size])], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    out = p.stdout
+    return p.stdout
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+def test_dry_run_prints_the_plan_and_starts_nothing(size):
+    out = dry_run("evaluate", size)
     assert f"Qwen/Qwen2.5-{size.upper()}-Instruct" in out
     assert "fits (at the maximum replica counts)" in out and "nothing was started" in out
     assert "ScalingConfig(" in out and "DeepSpeed ZeRO-3" in out
@@ -158,13 +164,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(size):
 
 @pytest.mark.parametrize("size", ["3b", "7b"])
 def test_train_dry_run_prints_validation_set_and_budgets(size):
-    code = ("import sys; from jobs.train import main; rc = main(['--config', sys.argv[1], '--dry-run']); "
-            "assert 'ray' not in sys.modules and 'vllm' not in sys.modules, 'dry run imported ray/vllm'; "
-            "sys.exit(rc)")
-    p = subprocess.run([sys.executable, "-c", code, str(PAPER[size])], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    out = p.stdout
+    out = dry_run("train", size)
     assert "fits (at the maximum replica counts)" in out and "nothing was started" in out
     assert "validation  500 questions held out of the training file (data.dev_seed=0)" in out
     assert "200 steps x 512 questions x G=5 = 512,000 rollouts" in out
