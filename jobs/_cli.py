@@ -144,7 +144,7 @@ def _count(path: str | None) -> str:
 def run_plan_lines(cfg) -> list[str]:
     """What a run of ``cfg`` reads and spends, for ``--dry-run``: the data splits (with the
     validation set OPSD selects on) and the rollout / training budget of each cycle."""
-    import math
+    from searche1_ray.grpo import updates_per_step
 
     d, g, o = cfg.data, cfg.grpo, cfg.opsd
     lines = []
@@ -163,7 +163,7 @@ def run_plan_lines(cfg) -> list[str]:
         lines.append("validation  the world's dev split")
     n_dev = cfg.eval.limit or d.max_eval_questions or d.dev_from_train
     seqs = g.questions_per_step * cfg.rollout.group_size
-    updates = (math.ceil(seqs / g.mini_batch_size) if g.mini_batch_size else 1) * g.ppo_epochs
+    updates = updates_per_step(seqs, g.mini_batch_size, g.ppo_epochs)
     lines.append(f"per cycle   ({cfg.run.cycles} cycles)")
     lines.append(f"  GRPO      {g.steps_per_round} steps x {g.questions_per_step} questions x G="
                  f"{cfg.rollout.group_size} = {g.steps_per_round * seqs:,} rollouts; {seqs:,} sequences per "

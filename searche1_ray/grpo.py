@@ -26,6 +26,7 @@ torch only.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -149,3 +150,11 @@ def policy_loss(
         "ratio_mean": float(ratio_mean),
     }
     return loss, metrics
+
+
+def updates_per_step(num_samples: int, mini_batch_size: int, epochs: int = 1) -> int:
+    """Optimizer updates one step of ``num_samples`` sequences makes: ``epochs`` x its
+    mini-batches of ``mini_batch_size`` (0 = the whole step is one mini-batch), as Search-R1/verl's
+    ``ppo_mini_batch_size`` / ``ppo_epochs``."""
+    size = mini_batch_size or max(1, num_samples)
+    return epochs * max(1, math.ceil(num_samples / size))

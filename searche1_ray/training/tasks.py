@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from searche1_ray.config import Config
-from searche1_ray.grpo import policy_loss, token_logprobs
+from searche1_ray.grpo import policy_loss, token_logprobs, updates_per_step
 
 
 def pad_samples(samples: Sequence[dict], keys: Sequence[str], pad_values: dict[str, float] | None = None
@@ -188,8 +188,7 @@ class TrainTask:
 
     def updates_per_step(self, num_samples: int) -> int:
         """Optimizer updates one step of ``num_samples`` samples makes: epochs x minibatches."""
-        size = self.mini_batch_size or max(1, num_samples)
-        return self.epochs * max(1, math.ceil(num_samples / size))
+        return updates_per_step(num_samples, self.mini_batch_size, self.epochs)
 
     def sample_weight(self, sample: dict) -> float:
         """How much a sample counts in the minibatch mean: its number of loss tokens."""
