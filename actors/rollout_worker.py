@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError, \
-    RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, \
+    RayError, RayTaskError
 
 from searche1_ray.config import Config, config_from_dict
 
@@ -48,10 +48,12 @@ _MAX_REPLACEMENTS = 8           # dead workers replaced per pool before giving u
 SCHEDULE_SETTINGS = ("loop", "max_inflight")   # per-call overrides beside LoopSettings' fields
 
 
-def _retrieve_fn(retriever: Any):
+def _retrieve_fn(retriever: Any, timeout_s: float | None = None):
     """``retrieve(queries, topk)`` for a Serve handle, the name of a Serve app (its handle is
     looked up at the first search, so the pool can start before the app is up), an actor
-    handle or a plain callable."""
+    handle or a plain callable. A handle's call that gets no answer within ``timeout_s``
+    (``retriever.call_timeout_s``) is cancelled and raises ``TimeoutError`` naming the retriever:
+    a hung replica fails the batch (which the pool retries) instead of hanging the round."""
     if isinstance(retriever, str):
         app, resolved = retriever, []
 
@@ -59,7 +61,7 @@ def _retrieve_fn(retriever: Any):
             if not resolved:
                 from ray import serve
                 try:
-                    resolved.append(_retrieve_fn(serve.get_app_handle(app)))
+                    resolved.append(_retrieve_fn(serve.get_app_handle(app), timeout_s))
                 except Exception as e:
                     raise RuntimeError(f"rollout: no Serve app named {app!r} to search with "
                                        f"(retriever.app_name): {e}") from e
@@ -74,7 +76,16 @@ def _retrieve_fn(retriever: Any):
     if method is not None and hasattr(method, "remote"):
         def remote(queries, topk):
             resp = method.remote(list(queries), int(topk))
-            return resp.result() if hasattr(resp, "result") else ray.get(resp)
+            try:
+                if hasattr(resp, "result"):          # a Serve DeploymentResponse
+                    return resp.result(timeout_s=timeout_s)
+                return ray.get(resp, timeout=timeout_s)
+            except (TimeoutError, GetTimeoutError) as e:
+                if hasattr(resp, "cancel"):
+                    resp.cancel()
+                raise TimeoutError(f"rollout: the retriever did not answer a search of "
+                                   f"{len(queries)} queries within {timeout_s:g}s "
+                                   f"(retriever.call_timeout_s)") from e
         return remote
     if callable(retriever):
         return retriever
@@ -102,7 +113,7 @@ class RolloutWorker:
                                 extra=engine_options)
         self.tokenizer = self.llm.get_tokenizer()
         self._generate = ve.vllm_generate_fn(self.llm)
-        self._retrieve = _retrieve_fn(retriever)
+        self._retrieve = _retrieve_fn(retriever, self.cfg.retriever.call_timeout_s)
         self._version = 0
         self.batches = 0
         self.started = time.time()
@@ -249,6 +260,7 @@ class _Batch:
     bid: int
     questions: list[dict]
     attempts: int = 0
+    started: float = 0.0          # perf_counter when it was last sent to a worker
 
 
 class RolloutPool:
@@ -267,6 +279,7 @@ class RolloutPool:
         self._weights: Any = None          # what a new worker loads: ObjectRef / path / None
         self.version = 0
         self._replacements = 0
+        self.timeouts = 0              # batches that ran past rollout.batch_timeout_s
         self._group: dict | None = None    # the open broadcast group (ranks by worker id)
         self.last_stats: dict[str, Any] = {}
         self._options, self._engine_options = self._actor_options()
@@ -458,6 +471,7 @@ class RolloutPool:
                         ref = w.handle.generate.remote(b.questions, n, temperature, seed,
                                                        overrides or None)
                         w.busy = ref
+                        b.started = time.perf_counter()
                         inflight[ref] = (w, b)
                 waiting = list(inflight) + [w.ready for w in self._workers.values()
                                             if not w.is_ready] \
@@ -467,6 +481,7 @@ class RolloutPool:
                 continue
             done, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
             with self._lock:
+                self._expire(inflight, queue, set(done))
                 for ref in done:
                     if ref not in inflight:
                         continue
@@ -522,6 +537,29 @@ class RolloutPool:
                  len(rows), wall, self.last_stats["tokens_per_s"],
                  self.last_stats["trajectories_per_s"], len(per_worker))
         return rows
+
+    def _expire(self, inflight: dict, queue: deque, done: set) -> None:
+        """Batches running past ``rollout.batch_timeout_s``: the worker is taken as wedged
+        (a hung engine or a search that never returns), killed and replaced, and the batch goes
+        back in the queue; past its retries the round fails with a TimeoutError naming it."""
+        limit = float(self.cfg.rollout.batch_timeout_s)
+        if limit <= 0:
+            return
+        now = time.perf_counter()
+        for ref, (w, b) in list(inflight.items()):
+            if ref in done or now - b.started <= limit:
+                continue
+            inflight.pop(ref)
+            w.busy = None
+            b.attempts += 1
+            self.timeouts += 1
+            self._replace(w, f"batch {b.bid} still running after rollout.batch_timeout_s="
+                             f"{limit:g}s: a wedged engine?")
+            if b.attempts > _MAX_TASK_RETRIES:
+                raise TimeoutError(f"rollout: batch {b.bid} ({len(b.questions)} questions) ran past "
+                                   f"rollout.batch_timeout_s={limit:g}s {b.attempts} times, on "
+                                   f"worker {w.wid} last; the engine or the retriever hangs")
+            queue.appendleft(b)
 
     def _refresh(self) -> None:
         """Mark workers whose engine came up / whose weight load finished; replace dead ones."""

@@ -98,6 +98,9 @@ class RetrieverConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0            # per replica; > 1 must be whole GPUs
     faiss_gpu: bool = False        # faiss-gpu: index on the replica's GPUs (fp16, sharded across them)
+    # a rollout worker's search call that gets no answer within this raises TimeoutError (the
+    # batch is then retried, and the round fails with that error when retries run out)
+    call_timeout_s: float = 120.0
 
 
 @dataclass
@@ -122,6 +125,10 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0  # per tensor-parallel rank (a worker takes tp x this); 0 = CPU
+    # a batch still running after this is taken as a wedged engine: its worker is killed and
+    # replaced and the batch retried; the round fails with a TimeoutError once its retries are
+    # used up. 0 = no limit.
+    batch_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -135,6 +142,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     micro_batch_size: int = 4
     max_seq_len: int = 1024
+    # a train command (a step, a weight export, a save) not finished by every rank within this
+    # fails the run with a TimeoutError instead of hanging it (a hung collective); 0 = no limit
+    command_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -274,6 +284,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("retriever.max_queries_per_request", lambda v: v >= 1, ">= 1"),
     ("retriever.max_request_bytes", lambda v: v >= 1024, ">= 1024"),
     ("retriever.min_replicas", lambda v: v >= 1, ">= 1"),
+    ("retriever.call_timeout_s", lambda v: v > 0, "> 0 (seconds)"),
     ("retriever.num_cpus", lambda v: v >= 0, ">= 0"),
     ("retriever.num_gpus", lambda v: v >= 0 and (v <= 1 or float(v).is_integer()),
      ">= 0, and a whole number when above 1"),
@@ -287,6 +298,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("rollout.questions_per_batch", lambda v: v >= 1, ">= 1"),
     ("rollout.max_inflight", lambda v: v >= 0, ">= 0 (0 = every trajectory of the batch)"),
     ("rollout.kv_cache_gib", lambda v: v >= 1, ">= 1 (whole GiB)"),
+    ("rollout.batch_timeout_s", lambda v: v >= 0, ">= 0 (seconds; 0 = no limit)"),
     ("rollout.tensor_parallel_size", lambda v: v >= 1, ">= 1"),
     ("rollout.num_cpus_per_worker", lambda v: v >= 0, ">= 0"),
     ("rollout.num_gpus_per_worker", lambda v: 0 <= v <= 1, "between 0 and 1 (GPUs per tensor-parallel rank)"),
@@ -295,6 +307,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("train.zero_stage", lambda v: v in (0, 1, 2, 3), "one of 0, 1, 2, 3"),
     ("train.micro_batch_size", lambda v: v >= 1, ">= 1"),
     ("train.max_seq_len", lambda v: v >= 16, ">= 16"),
+    ("train.command_timeout_s", lambda v: v >= 0, ">= 0 (seconds; 0 = no limit)"),
     ("warmstart.num_examples", lambda v: v >= 1, ">= 1"),
     ("warmstart.noisy_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("warmstart.epochs", lambda v: v >= 1, ">= 1"),

@@ -133,7 +133,7 @@ class TrainRunner:
         except BaseException as e:  # surfaced by the next command
             self._error = e
 
-    def _collect(self, seq: int, timeout: float | None, what: str) -> Any:
+    def _collect(self, seq: int, timeout: float | None, what: str, hint: str = "") -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             res = ray.get(self.channel.wait_results.remote(seq, 2.0))
@@ -147,8 +147,8 @@ class TrainRunner:
             if not self._thread.is_alive():
                 raise RuntimeError(f"the Ray Train run ended while waiting to {what}: {self._error!r}")
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"train workers did not {what} within {timeout:.0f} s; check "
-                                   f"`ray status` for free CPUs (train.num_workers x train.cpus_per_worker)")
+                raise TimeoutError(f"train workers did not {what} within {timeout:g} s; " + (
+                    hint or "check `ray status` for free CPUs (train.num_workers x train.cpus_per_worker)"))
 
     def _command(self, kind: str, timeout: float | None = None, **payload: Any) -> Any:
         if self._stopped:
@@ -157,7 +157,11 @@ class TrainRunner:
             raise RuntimeError(f"TrainRunner failed earlier: {self._error}")
         self._seq += 1
         ray.get(self.channel.send.remote({"kind": kind, "seq": self._seq, **payload}))
-        return self._collect(self._seq, timeout, kind)
+        if timeout is None and self.cfg.train.command_timeout_s > 0:
+            timeout = float(self.cfg.train.command_timeout_s)
+        return self._collect(self._seq, timeout, f"finish '{kind}'",
+                             hint="a rank may hang in a collective or have died without an error "
+                                  "(train.command_timeout_s bounds each command)")
 
     # ---- the interface -------------------------------------------------------------------
     def step(self, batch: Sequence[dict]) -> dict[str, float]:

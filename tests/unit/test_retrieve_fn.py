@@ -9,7 +9,7 @@ class _Response:
     def __init__(self, value):
         self.value = value
 
-    def result(self):
+    def result(self, timeout_s=None):
         return self.value
 
 
@@ -56,3 +56,32 @@ def test_callable_none_and_bad_types():
         _retrieve_fn(None)(["q"], 3)
     with pytest.raises(TypeError, match="cannot call retriever of type int"):
         _retrieve_fn(5)
+
+
+class _HungResponse:
+    def __init__(self):
+        self.cancelled = False
+        self.timeouts = []
+
+    def result(self, timeout_s=None):
+        self.timeouts.append(timeout_s)
+        raise TimeoutError("Timed out waiting for result")
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_a_hung_retriever_times_out_naming_the_setting():
+    resp = _HungResponse()
+
+    class Method:
+        def remote(self, queries, topk):
+            return resp
+
+    class Handle:
+        retrieve = Method()
+
+    with pytest.raises(TimeoutError, match=r"retriever did not answer a search of 2 queries within "
+                                           r"7\.5s \(retriever.call_timeout_s\)"):
+        _retrieve_fn(Handle(), timeout_s=7.5)(["a", "b"], 3)
+    assert resp.timeouts == [7.5] and resp.cancelled       # bounded, and the call is cancelled
