@@ -279,8 +279,9 @@ class SelfEvolutionDriver:
         """Delete intermediate GRPO step checkpoints other than ``keep`` (stage results stay).
         Called only after a durable state.json names ``keep``, so a crash at any point leaves
         state.json pointing at a complete checkpoint."""
+        # the round's starting policy stays too: a resume mid-round reloads it as the KL reference
         for p in self._ckpt_dir().glob("grpo*-step*"):
-            if str(p) != keep and p.is_dir():
+            if str(p) not in (keep, self.state.round_start_policy) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
     @staticmethod
@@ -366,8 +367,15 @@ class SelfEvolutionDriver:
         steps = cfg.grpo.steps_per_round
         if st.step >= steps:
             return
+        if st.step == 0 or not st.round_start_policy:
+            st.round_start_policy = st.policy
+            self._save()
+        # resumed mid-round, the trainer starts from the last step's checkpoint, but the KL
+        # reference stays the policy the round started from (as in an uninterrupted round)
+        reference = st.round_start_policy if st.round_start_policy != st.policy else None
         self._live["detail"] = "starting the GRPO trainer"
-        self.runner = TrainRunner(cfg, st.policy, GRPOTask(cfg), str(self._runner_dir(self.run_dir / "train" / f"grpo{cycle}")))
+        self.runner = TrainRunner(cfg, st.policy, GRPOTask(cfg, reference_path=reference),
+                                  str(self._runner_dir(self.run_dir / "train" / f"grpo{cycle}")))
         pending: list[tuple[str, dict]] = []
         try:
             for step in range(st.step, steps):

@@ -36,6 +36,7 @@ class RunState:
     status: str = "created"            # created | running | stopped | failed | done
     policy: str = ""                   # folder of the current policy
     policy_version: int = 0
+    round_start_policy: str = ""       # the policy a GRPO round started from: its KL reference
     done: list[str] = field(default_factory=list)      # every finished step / stage, once
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {split: metrics}
     history: list[dict[str, Any]] = field(default_factory=list)     # one row per step

@@ -260,7 +260,7 @@ class GRPOTask(TrainTask):
     pre_update_metrics = ("grpo/logprob_gap", "grpo/ratio_dev", "grpo/ratio_mean")
 
     def __init__(self, cfg: Config, *, use_reference: bool | None = None, lr: float | None = None,
-                 **overrides: Any):
+                 reference_path: str | None = None, **overrides: Any):
         g = cfg.grpo
         kwargs: dict[str, Any] = dict(epochs=g.ppo_epochs, mini_batch_size=g.mini_batch_size,
                                       warmup_steps=g.warmup_steps, grad_clip=g.grad_clip,
@@ -280,10 +280,18 @@ class GRPOTask(TrainTask):
             self.collate_keys = self.collate_keys + ("engine_logprobs",)
         self.use_reference = (g.kl_coef > 0) if use_reference is None else use_reference
         self.reference: torch.nn.Module | None = None
+        # the KL reference's folder when it is not the policy being trained (a round resumed
+        # mid-way trains from its last checkpoint; its reference is the round's starting policy)
+        self.reference_path = reference_path
 
     def prepare_model(self, model, cfg):
         if self.use_reference:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            if self.reference_path:
+                self.reference = type(model).from_pretrained(self.reference_path, dtype=model.dtype)
+                self.reference.config.use_cache = False
+                self.reference.eval().requires_grad_(False)
+            else:
+                self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         return model
 
     def sample_weight(self, sample: dict) -> float:
