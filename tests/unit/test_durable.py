@@ -118,7 +118,7 @@ def test_writes_are_fsynced_before_the_rename_and_the_folder_after(tmp_path, mon
 
 class _Runner:
     def __init__(self, tmp_path, fail_at=None):
-        self.tmp_path, self.fail_at, self.saved = tmp_path, fail_at, []
+        self.tmp_path, self.fail_at, self.saved, self.tasks = tmp_path, fail_at, [], []
 
     def save_checkpoint(self, folder):
         step = int(folder[-4:])
@@ -147,7 +147,7 @@ def _grpo_driver(tmp_path, monkeypatch, runner):
     import searche1_ray.training.tasks as tasks
 
     monkeypatch.setattr(runner_mod, "TrainRunner", lambda *a, **k: runner)
-    monkeypatch.setattr(tasks, "GRPOTask", lambda cfg: None)
+    monkeypatch.setattr(tasks, "GRPOTask", lambda cfg, **k: runner.tasks.append(k))
     monkeypatch.setattr(grpo_round, "grpo_step", lambda *a, **k: {"rollout/reward_mean": 0.5})
     d = object.__new__(Driver)
     d.cfg = load_config(None, ["grpo.steps_per_round=3", "grpo.checkpoint_every=1"])
@@ -176,6 +176,24 @@ def test_a_full_disk_mid_round_leaves_the_last_durable_step(tmp_path, monkeypatc
     assert not (d.run_dir / "train" / "grpo0" / "ray_train").exists()
     # each prune ran only once state.json on disk named the checkpoint it keeps
     assert pruned_while_state_named == [str(ckpts / "grpo0-step0001"), str(ckpts / "grpo0-step0002")]
+
+
+def test_a_round_resumed_mid_way_keeps_its_starting_policy_as_the_kl_reference(tmp_path, monkeypatch):
+    first = _Runner(tmp_path, fail_at=3)
+    d = _grpo_driver(tmp_path, monkeypatch, first)
+    start = _save(tmp_path / "run" / "checkpoints" / "grpo0-step0000", 0, tmp_path)  # the round's start
+    d.state.policy = str(start)
+    with pytest.raises(OSError):
+        d._grpo_round(0)
+    assert first.tasks == [{"reference_path": None}]           # fresh: the model it trains
+    st = load_state(d.run_dir)
+    assert st.step == 2 and st.round_start_policy == str(start)
+    assert _complete(start, 0)                                  # not pruned with the step checkpoints
+    second = _Runner(tmp_path)
+    d = _grpo_driver(tmp_path, monkeypatch, second)
+    d.state = st                                                # the resume
+    d._grpo_round(0)
+    assert second.tasks == [{"reference_path": str(start)}] and second.saved == [3]
 
 
 # --- Ray Train's copies of the checkpoints go when the round's runner stops ----------------
