@@ -239,7 +239,8 @@ class SelfEvolutionDriver:
             if not st.policy:
                 st.policy = resolve_model(cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
             self.tokenizer = AutoTokenizer.from_pretrained(st.policy)
-            self.pool = RolloutPool(cfg, st.policy, cfg.retriever.app_name)
+            # a resumed run's policy keeps its version: the rollouts say which policy made them
+            self.pool = RolloutPool(cfg, st.policy, cfg.retriever.app_name, version=st.policy_version)
             self._metrics.set("rollout_workers", self.pool.num_workers)
 
         index_dir = cfg.retriever.index_dir or str(self.data.dir / f"index-{cfg.retriever.encoder}-{cfg.retriever.index_type}")

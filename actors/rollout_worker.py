@@ -96,7 +96,8 @@ class RolloutWorker:
     """One vLLM engine + the search loop. Not thread-safe: Ray runs one call at a time."""
 
     def __init__(self, cfg: dict, model_path: str, retriever: Any = None,
-                 cpus: Sequence[int] | None = None, engine_options: dict | None = None):
+                 cpus: Sequence[int] | None = None, engine_options: dict | None = None,
+                 version: int = 0):
         self.cfg: Config = config_from_dict(cfg)
         r = self.cfg.rollout
         from searche1_ray.engine import vllm_engine as ve
@@ -114,7 +115,7 @@ class RolloutWorker:
         self.tokenizer = self.llm.get_tokenizer()
         self._generate = ve.vllm_generate_fn(self.llm)
         self._retrieve = _retrieve_fn(retriever, self.cfg.retriever.call_timeout_s)
-        self._version = 0
+        self._version = int(version)    # the policy version of the weights in model_path
         self.batches = 0
         self.started = time.time()
 
@@ -267,7 +268,9 @@ class RolloutPool:
     """Elastic group of ``RolloutWorker`` actors (see the module docstring)."""
 
     def __init__(self, cfg: Config, model_path: str, retriever_handle: Any = None,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, version: int = 0):
+        """``version``: the policy version of the weights in ``model_path`` (a resumed run's
+        current policy is not version 0: its rollouts must say which policy made them)."""
         self.cfg = cfg
         self.model_path = str(model_path)
         self.retriever = retriever_handle
@@ -277,7 +280,7 @@ class RolloutPool:
         self._next_wid = 0
         self._target = cfg.rollout.num_workers if num_workers is None else int(num_workers)
         self._weights: Any = None          # what a new worker loads: ObjectRef / path / None
-        self.version = 0
+        self.version = self._path_version = int(version)
         self._replacements = 0
         self.timeouts = 0              # batches that ran past rollout.batch_timeout_s
         self._group: dict | None = None    # the open broadcast group (ranks by worker id)
@@ -314,13 +317,13 @@ class RolloutPool:
         self._next_wid += 1
         handle = RolloutWorkerActor.options(name=None, **opts).remote(
             self._cfg_dict, self.model_path, self.retriever, list(slot_cpus or []),
-            self._engine_options)
-        w = _Worker(wid, handle, ready=None, version=0)
+            self._engine_options, self._path_version)
+        w = _Worker(wid, handle, ready=None, version=self._path_version)
         if self._weights is not None:
             w.pending_sync = handle.update_weights.remote(self._weights, self.version)
             w.version = self.version
-        elif self.version == 0:
-            w.version = 0
+        elif self.version == self._path_version:
+            pass                           # it loads model_path: that version
         else:  # weights arrived only by broadcast: this worker waits for the next update
             w.version = -1
         w.ready = handle.health.remote()

@@ -1,6 +1,7 @@
-"""RolloutPool._expire: a batch running past rollout.batch_timeout_s is taken as a wedged
-engine: its worker is killed and replaced, the batch requeued, and past its retries the round
-fails with a TimeoutError naming the setting. No Ray actors: the pool's bookkeeping alone."""
+"""RolloutPool's bookkeeping, with no Ray actors: a batch running past rollout.batch_timeout_s is
+taken as a wedged engine (its worker killed and replaced, the batch requeued, and past its
+retries a TimeoutError naming the setting); a pool started on a resumed policy reports its
+version."""
 
 import threading
 import time
@@ -59,3 +60,35 @@ def test_zero_means_no_limit(monkeypatch):
     inflight = _inflight(pool, {0: 1e6})
     pool._expire(inflight, deque(), done=set())
     assert list(inflight) == ["ref0"]
+
+
+def test_a_pool_started_on_a_resumed_policy_reports_its_version(monkeypatch):
+    """A resumed run starts its pool on the current policy's folder: workers load it and say
+    so with its version (not 0), and a later update moves them on as usual."""
+    import actors.rollout_worker as rw
+
+    made = []
+
+    class _Remote:
+        def __init__(self, fn):
+            self.remote = fn
+
+    class _Handle:
+        health = _Remote(lambda: "health-ref")
+        update_weights = _Remote(lambda weights, version: ("sync", version))
+
+    class _Actor:
+        @staticmethod
+        def options(**opts):
+            return _Remote(lambda *args: made.append(args) or _Handle())
+
+    monkeypatch.setattr(rw, "RolloutWorkerActor", _Actor)
+    pool = _pool(limit=0)
+    pool.model_path, pool.retriever, pool._cfg_dict, pool._engine_options = "/ckpt/grpo0-step0002", None, {}, {}
+    pool._options, pool._pg_spec, pool._next_wid, pool._weights = {"runtime_env": {"env_vars": {}}}, None, 0, None
+    pool.version = pool._path_version = 7
+    w = pool._spawn()
+    assert made[0][-1] == 7 and w.version == 7 and w.pending_sync is None
+    pool._weights, pool.version = "weights-ref", 8              # after the next update
+    w2 = pool._spawn()
+    assert w2.version == 8 and w2.pending_sync == ("sync", 8)
