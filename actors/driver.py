@@ -23,7 +23,7 @@ from typing import Any
 import ray
 
 from searche1_ray.config import Config, config_from_dict
-from searche1_ray.data.sampling import step_questions, strata
+from searche1_ray.data.sampling import first_per_source, step_questions, strata
 from searche1_ray.durable import atomic_write, atomic_write_with
 from searche1_ray.run_state import RunState, load_state, save_state, schedule, state_path
 from searche1_ray.training.opsd_round import RoundStopped
@@ -333,7 +333,9 @@ class SelfEvolutionDriver:
             qs = self.questions.get(split)
             if not qs:
                 continue
-            limit = cfg.eval.limit or cfg.data.max_eval_questions or len(qs)
+            # eval.limit: the first N of each data source (the merged test parquet holds seven)
+            qs = first_per_source(qs, cfg.eval.limit) if cfg.eval.limit else qs
+            limit = cfg.data.max_eval_questions or len(qs)
             self._live["detail"] = f"evaluating {label} on {split} ({min(limit, len(qs))} questions)"
             out = self._eval_path(label, split)
             known = self._known_evals.pop((label, split), None)
@@ -422,7 +424,7 @@ class SelfEvolutionDriver:
         train = self.questions["train"]
         if cfg.data.max_train_questions:
             train = train[: cfg.data.max_train_questions]
-        dev = self.questions.get("dev", [])[: cfg.eval.limit or cfg.data.max_eval_questions or None]
+        dev = first_per_source(self.questions.get("dev", []), cfg.eval.limit)[: cfg.data.max_eval_questions or None]
         version = st.policy_version + 1
         # the post-GRPO evaluation measured this policy on these dev questions already
         start = st.evals.get(f"grpo{cycle}", {}).get("dev")

@@ -161,7 +161,9 @@ def run_plan_lines(cfg) -> list[str]:
                                        "none: OPSD merges its last step unvalidated (set data.dev_from_train)"))
     else:
         lines.append("validation  the world's dev split")
-    n_dev = cfg.eval.limit or d.max_eval_questions or d.dev_from_train
+    n_dev = d.max_eval_questions or d.dev_from_train
+    on_dev = (f"the first {cfg.eval.limit:,} questions of each data source (eval.limit)" if cfg.eval.limit
+              else f"{n_dev:,} questions" if n_dev else "the whole validation set")
     seqs = g.questions_per_step * cfg.rollout.group_size
     updates = updates_per_step(seqs, g.mini_batch_size, g.ppo_epochs)
     lines.append(f"per cycle   ({cfg.run.cycles} cycles)")
@@ -174,5 +176,5 @@ def run_plan_lines(cfg) -> list[str]:
             else f"every training question x K={o.samples_per_question}")
     lines.append(f"  OPSD      {pool} -> pairs; {o.steps} LoRA steps x {o.batch_size} pairs = "
                  f"{o.steps * o.batch_size:,} pair uses; validation every {o.eval_every} steps on "
-                 + (f"{n_dev:,} questions" if n_dev else "the whole validation set"))
+                 + on_dev)
     return lines

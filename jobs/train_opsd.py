@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy", help="HF folder of the policy to distil (default: model.name, resolved)")
     p.add_argument("--out", help="output folder (default: <run.output_dir>/<run.name>/opsd/manual)")
     p.add_argument("--dev-limit", type=int,
-                   help="dev questions per validation (default: eval.limit, else data.max_eval_questions; 0 = all)")
+                   help="dev questions per validation (default: the first eval.limit of each data source, at most "
+                        "data.max_eval_questions in all; 0 = all)")
     p.add_argument("--version", type=int, default=1, help="policy version tag for the new weights (default 1)")
     add_address_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.retriever import default_index_dir, start_retriever
     from actors.rollout_worker import RolloutPool
     from searche1_ray.data.prepare import prepare_data, read_splits
+    from searche1_ray.data.sampling import first_per_source
     from searche1_ray.model_store import resolve_model
     from searche1_ray.training.opsd_round import run_opsd_round
 
@@ -57,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     train = splits["train"]
     if cfg.data.max_train_questions:
         train = train[: cfg.data.max_train_questions]
-    limit = args.dev_limit if args.dev_limit is not None else (cfg.eval.limit or cfg.data.max_eval_questions)
     dev = splits.get("dev", [])
-    dev = dev[:limit] if limit else dev
+    if args.dev_limit is not None:
+        dev = dev[: args.dev_limit or None]
+    else:  # eval.limit: the first N of each data source; data.max_eval_questions: in all
+        dev = first_per_source(dev, cfg.eval.limit)[: cfg.data.max_eval_questions or None]
     log.info("OPSD round from %s: %d training questions (%s sampled), %d dev questions -> %s", policy,
              len(train), cfg.opsd.questions_per_round or "all", len(dev), out)
 

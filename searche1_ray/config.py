@@ -225,7 +225,7 @@ class OPSDConfig:
 @dataclass
 class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["dev", "test"])
-    limit: int = 0                 # questions per split; 0 = all
+    limit: int = 0                 # the first N questions of each data source per split; 0 = all
     temperature: float = 0.0       # greedy
 
 

@@ -78,3 +78,20 @@ def hold_out(rows: Sequence[dict], n: int, seed: str | int) -> tuple[list[dict],
                          f"questions - 1 ({len(rows) - 1})")
     dev = set(random.Random(f"dev-{seed}").sample(range(len(rows)), n))
     return ([r for i, r in enumerate(rows) if i not in dev], [r for i, r in enumerate(rows) if i in dev])
+
+
+def first_per_source(rows: Sequence[dict], limit: int) -> list[dict]:
+    """The first ``limit`` rows of each ``data_source``, in the file's order (``limit`` 0 = all).
+    ``eval.limit`` means this everywhere: on Search-R1's merged test parquet (NQ's rows first,
+    then TriviaQA's, …) a plain ``rows[:limit]`` would score NQ alone; a split of one source
+    keeps its first ``limit`` rows, as before."""
+    if not limit:
+        return list(rows)
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        src = str(r.get("data_source") or "")
+        if seen.get(src, 0) < limit:
+            seen[src] = seen.get(src, 0) + 1
+            out.append(r)
+    return out

@@ -141,13 +141,14 @@ def test_resource_settings_are_validated(override, message):
     assert str(e.value).startswith(message)
 
 
-def dry_run(job: str, size: str) -> str:
-    """stdout of ``python -m jobs.<job> --config <paper size> --dry-run``, run in a fresh
-    interpreter that must import neither Ray nor vLLM and exit 0."""
-    code = (f"import sys; from jobs.{job} import main; rc = main(['--config', sys.argv[1], '--dry-run']); "
+def dry_run(job: str, size: str, *extra: str) -> str:
+    """stdout of ``python -m jobs.<job> --config <paper size> --dry-run [extra args]``, run in a
+    fresh interpreter that must import neither Ray nor vLLM and exit 0."""
+    code = (f"import sys; from jobs.{job} import main; "
+            "rc = main(['--config', sys.argv[1], '--dry-run', *sys.argv[2:]]); "
             "assert 'ray' not in sys.modules and 'vllm' not in sys.modules, 'dry run imported ray/vllm'; "
             "sys.exit(rc)")
-    p = subprocess.run([sys.executable, "-c", code, str(PAPER[size])], cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, "-c", code, str(PAPER[size]), *extra], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     return p.stdout
@@ -172,6 +173,9 @@ def test_train_dry_run_prints_validation_set_and_budgets(size):
     assert ("6,400 training questions x K=5 = 32,000 rollouts -> pairs; 100 LoRA steps x 32 pairs = "
             "3,200 pair uses; validation every 20 steps on 500 questions") in out
     assert "train.parquet  (not on this machine)" in out
+    # eval.limit is per data source: the plan says so
+    limited = dry_run("train", size, "--set", "eval.limit=50")
+    assert "validation every 20 steps on the first 50 questions of each data source (eval.limit)" in limited
 
 
 def test_dry_run_fails_when_the_plan_does_not_fit():

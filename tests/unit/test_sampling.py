@@ -80,3 +80,17 @@ def test_hold_out_is_a_seeded_disjoint_split_in_file_order():
     for n in (0, 50):
         with pytest.raises(ValueError, match=f"data.dev_from_train={n}: must be between 1 and .* \\(49\\)"):
             hold_out(rows, n, 0)
+
+
+def test_first_per_source_takes_the_first_n_of_each_source_in_order():
+    from searche1_ray.data.sampling import first_per_source
+
+    merged = ([{"id": f"nq/{i}", "data_source": "nq"} for i in range(5)]
+              + [{"id": f"tq/{i}", "data_source": "triviaqa"} for i in range(3)]
+              + [{"id": f"hp/{i}", "data_source": "hotpotqa"} for i in range(4)])
+    got = [r["id"] for r in first_per_source(merged, 2)]
+    # a plain rows[:6] would be NQ alone: the bug this fixes on Search-R1's merged test parquet
+    assert got == ["nq/0", "nq/1", "tq/0", "tq/1", "hp/0", "hp/1"]
+    assert first_per_source(merged, 0) == merged and first_per_source(merged, 9) == merged
+    one = [{"id": str(i)} for i in range(5)]                       # no data_source: one group
+    assert [r["id"] for r in first_per_source(one, 3)] == ["0", "1", "2"]
