@@ -26,3 +26,20 @@ def test_sign_test_known_values():
     assert sign_test(9, 4) == pytest.approx(0.2668, abs=1e-4)      # session 4's bench run
     assert sign_test(22, 26) == pytest.approx(0.6655, abs=1e-4)
     assert sign_test(15, 2) < 0.01
+
+
+def test_ablation_arm_keys_ignore_operational_settings():
+    """An arm folder is reused by a run whose arm would sample and train the same: timeouts,
+    the rollout schedule and checkpoint contents do not change its key; a learning setting does."""
+    from bench.ablation import _draw_cfg, arm_key, parse_args
+
+    def key(name, *sets):
+        args = parse_args(["--draws", "1", *[x for s in sets for x in ("--set", s)]])
+        return arm_key(_draw_cfg(args, 0), args, name)
+
+    for arm in ("G", "G+O", "G+G"):
+        assert key(arm) == key(arm, "rollout.batch_timeout_s=60", "retriever.call_timeout_s=5",
+                               "train.command_timeout_s=10", "grpo.save_optimizer=false",
+                               "rollout.loop=rounds")
+        assert key(arm) != key(arm, "grpo.lr=1e-3")
+    assert key("G") == key("G", "opsd.lr=1e-3") != key("G+O", "opsd.lr=1e-3")
