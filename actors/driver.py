@@ -377,7 +377,9 @@ class SelfEvolutionDriver:
         # reference stays the policy the round started from (as in an uninterrupted round)
         reference = st.round_start_policy if st.round_start_policy != st.policy else None
         self._live["detail"] = "starting the GRPO trainer"
-        self.runner = TrainRunner(cfg, st.policy, GRPOTask(cfg, reference_path=reference),
+        # ... and the optimizer state and lr schedule continue from that checkpoint's
+        resume = st.policy if st.step > 0 else None
+        self.runner = TrainRunner(cfg, st.policy, GRPOTask(cfg, reference_path=reference, resume_from=resume),
                                   str(self._runner_dir(self.run_dir / "train" / f"grpo{cycle}")))
         pending: list[tuple[str, dict]] = []
         try:

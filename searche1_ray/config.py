@@ -100,7 +100,7 @@ class RetrieverConfig:
     faiss_gpu: bool = False        # faiss-gpu: index on the replica's GPUs (fp16, sharded across them)
     # a rollout worker's search call that gets no answer within this raises TimeoutError (the
     # batch is then retried, and the round fails with that error when retries run out)
-    call_timeout_s: float = 120.0
+    call_timeout_s: float = 300.0   # generous: a flat CPU index over wiki-18 takes seconds per query
 
 
 @dataclass
@@ -176,6 +176,10 @@ class GRPOConfig:
     warmup_ratio: float = 0.0      # or over this share of the round's updates (Search-R1: 0.285)
     weight_decay: float = 0.0      # AdamW (Search-R1 / verl: 0.01)
     checkpoint_every: int = 50
+    # step checkpoints also hold Adam's moments and the lr schedule's position (every rank's
+    # shard, <checkpoint>/trainer_state; ~16 bytes per parameter), so a run resumed mid-round
+    # continues the same optimisation; false: smaller checkpoints, a resume restarts them
+    save_optimizer: bool = True
     # leave groups whose G rewards are all equal (advantage 0 everywhere) out of the update:
     # they carry no policy gradient, only the small KL term (DAPO's dynamic sampling drops
     # them too). Off = the paper; on halves CPU train time when most groups score alike.

@@ -159,6 +159,11 @@ class TrainTask:
     name = "train"                  # metric namespace: "<name>/loss", "<name>/grad_norm", ...
     collate_keys: tuple[str, ...] = ("input_ids", "loss_mask")
     pre_update_metrics: tuple[str, ...] = ()  # reported from the first minibatch of epoch 0 only
+    # checkpoints also hold the optimizer's state and the lr schedule's position (DeepSpeed's
+    # checkpoint of every rank, in <folder>/trainer_state), and a runner started with
+    # ``resume_from`` = such a folder loads them: a resumed round continues the same optimisation
+    save_optimizer: bool = False
+    resume_from: str | None = None
 
     def __init__(self, lr: float, *, epochs: int = 1, mini_batch_size: int = 0,
                  warmup_steps: int = 0, total_steps: int = 0, grad_clip: float = 1.0,
@@ -260,7 +265,8 @@ class GRPOTask(TrainTask):
     pre_update_metrics = ("grpo/logprob_gap", "grpo/ratio_dev", "grpo/ratio_mean")
 
     def __init__(self, cfg: Config, *, use_reference: bool | None = None, lr: float | None = None,
-                 reference_path: str | None = None, **overrides: Any):
+                 reference_path: str | None = None, resume_from: str | None = None,
+                 **overrides: Any):
         g = cfg.grpo
         kwargs: dict[str, Any] = dict(epochs=g.ppo_epochs, mini_batch_size=g.mini_batch_size,
                                       warmup_steps=g.warmup_steps, grad_clip=g.grad_clip,
@@ -283,6 +289,8 @@ class GRPOTask(TrainTask):
         # the KL reference's folder when it is not the policy being trained (a round resumed
         # mid-way trains from its last checkpoint; its reference is the round's starting policy)
         self.reference_path = reference_path
+        self.save_optimizer = bool(g.save_optimizer)
+        self.resume_from = resume_from
 
     def prepare_model(self, model, cfg):
         if self.use_reference:

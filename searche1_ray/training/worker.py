@@ -15,7 +15,10 @@ through the CommandChannel (runner.py) until ``stop``:
                 by its share of the minibatch's loss tokens × world (DeepSpeed averages over
                 ranks), then steps; metrics are token-weighted means gathered to rank 0
     weights     rank 0 puts the task's export (full HF state dict) into the object store
-    save        rank 0 writes an HF folder; every rank calls ``ray.train.report`` (a barrier)
+    save        rank 0 writes an HF folder; every rank calls ``ray.train.report`` (a barrier);
+                a task with ``save_optimizer`` (GRPO) adds every rank's optimizer shard and the lr
+                schedule (DeepSpeed's checkpoint) in <folder>/trainer_state, which a runner whose
+                task has ``resume_from`` = that folder loads after DeepSpeed starts
     logprobs    per-sample log-probs under the current weights (for checks)
     bcast_*     rank 0 joins the engines' weight-sync group and broadcasts (engine/weight_sync.py)
 
@@ -27,6 +30,7 @@ parameters on every rank first (``tasks.full_parameters``).
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from pathlib import Path
@@ -37,7 +41,10 @@ import ray
 from searche1_ray.config import Config
 from searche1_ray.training.tasks import rank_micro_batches, shortest_row
 
+log = logging.getLogger("searche1.train")
+
 READY = -1  # sequence number of the "worker is up" message
+TRAINER_STATE = "trainer_state"  # a checkpoint's optimizer + lr schedule (DeepSpeed's checkpoint)
 
 
 def worker_loop(config: dict) -> None:
@@ -114,6 +121,8 @@ class _Worker:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
             dist_init_required=False)
         self.module = self.engine.module
+        if getattr(task, "resume_from", None):
+            self._load_trainer_state(Path(task.resume_from))
         reference = getattr(task, "reference", None)
         if reference is not None:
             reference.to(self.device)
@@ -273,7 +282,45 @@ class _Worker:
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(dict(cmd.get("metrics", {})), checkpoint=checkpoint,
                          checkpoint_dir_name=folder.name, delete_local_checkpoint_after_upload=False)
+        if getattr(self.task, "save_optimizer", False):  # after the report: not in Ray Train's copy
+            self._save_trainer_state(folder)
         return str(folder) if self.rank == 0 else None
+
+    def _save_trainer_state(self, folder: Path) -> None:
+        """Adam's moments and the lr schedule's position, as DeepSpeed's own checkpoint (each
+        rank writes its ZeRO shard) in ``<folder>/trainer_state``. The command returns, and
+        the driver points state.json at the folder, only once every rank has written."""
+        import json
+
+        import torch.distributed as dist
+
+        dist.barrier()                         # rank 0's HF folder is in place
+        out = folder / TRAINER_STATE
+        self.engine.save_checkpoint(str(out), tag="state", save_latest=False)
+        if self.rank == 0:
+            (out / "layout.json").write_text(json.dumps({"world": self.world, "zero_stage": self.engine.zero_optimization_stage()}))
+        dist.barrier()
+
+    def _load_trainer_state(self, folder: Path) -> None:
+        """The optimizer state and lr schedule a checkpoint saved (``_save_trainer_state``), when
+        it has them for this layout; otherwise they start afresh, said in the log."""
+        import json
+
+        out = folder / TRAINER_STATE
+        layout_file = out / "layout.json"
+        layout = json.loads(layout_file.read_text()) if layout_file.is_file() else None
+        mine = {"world": self.world, "zero_stage": self.engine.zero_optimization_stage()}
+        if layout != mine:
+            if self.rank == 0:
+                why = "it has none" if layout is None else f"it was saved by {layout}, this is {mine}"
+                log.warning("resume from %s: the optimizer state and the lr schedule start afresh (%s)",
+                            folder, why)
+            return
+        self.engine.load_checkpoint(str(out), tag="state", load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        if self.rank == 0:
+            log.info("resumed the optimizer state and the lr schedule (step %d) from %s",
+                     self.scheduler.last_epoch, out)
 
 
 def save_hf_folder(folder: Path, state_dict: dict, hf_config: Any, tokenizer: Any, model_path: Path) -> Path:

@@ -7,6 +7,7 @@ exported weights equal the trainer's model (same log-probs in a fresh HF model);
 reloads as an HF model and is registered with Ray Train; SFT lowers the loss on its batch.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_grpo_runner_on_policy_ratio_weights_and_checkpoint(ray_local, model_pat
     from searche1_ray.training.runner import TrainRunner
     from searche1_ray.training.tasks import GRPOTask, causal_logprobs, pad_samples
 
-    cfg = _cfg("grpo.lr=1e-5", "grpo.kl_coef=0.001", "grpo.mini_batch_size=0")
+    cfg = _cfg("grpo.lr=4e-5", "grpo.warmup_steps=4", "grpo.kl_coef=0.001", "grpo.mini_batch_size=0")
     samples, adv_rows = grpo_batch(_rollout_rows(tok), 256)
     runner = TrainRunner(cfg, model_path, GRPOTask(cfg), tmp_path / "run")
     try:
@@ -143,12 +144,33 @@ def test_grpo_runner_on_policy_ratio_weights_and_checkpoint(ray_local, model_pat
         assert len(persisted) == 1
         path2 = runner.save_checkpoint(str(tmp_path / "elsewhere" / "ck"))
         assert Path(path2) == (tmp_path / "elsewhere" / "ck").resolve() and Path(path2, "config.json").is_file()
+        m2 = runner.step(samples)                         # the run goes on from step 1 ...
+        weights2 = runner.get_weights()
     finally:
         runner.stop()
     assert not runner._thread.is_alive()
     assert not runner.storage.exists() and Path(folder, "model.safetensors").is_file()  # Ray Train's copy went
     with pytest.raises(RuntimeError, match="stopped"):
         runner.step(samples)
+
+    # ... and a runner resumed from step 1's checkpoint makes the same second step: Adam's
+    # moments and the lr schedule's position came back with it (warm-up 4: its 2nd update at lr x 2/4,
+    # where a fresh schedule would start again at 1/4)
+    assert json.loads((folder / "trainer_state" / "layout.json").read_text()) == {"world": 2, "zero_stage": 2}
+    resumed = TrainRunner(cfg, str(folder), GRPOTask(cfg, reference_path=model_path, resume_from=str(folder)),
+                          tmp_path / "run2")
+    try:
+        r2 = resumed.step(samples)
+        resumed_weights2 = resumed.get_weights()
+    finally:
+        resumed.stop()
+    # grpo/lr is the schedule's lr after the step: 2/4 x lr after the first, 3/4 after the second
+    print(f"\nlr after step 1 {m['grpo/lr']:.3g}, step 2 {m2['grpo/lr']:.3g}, resumed step 2 {r2['grpo/lr']:.3g}")
+    assert m2["grpo/lr"] == pytest.approx(1.5 * m["grpo/lr"]) and r2["grpo/lr"] == pytest.approx(m2["grpo/lr"])
+    moved = max(float((weights2[k].float() - weights[k].float()).abs().max()) for k in weights)
+    gap = max(float((resumed_weights2[k].float() - weights2[k].float()).abs().max()) for k in weights)
+    print(f"\nsecond step: moved the weights by up to {moved:.3g}; resumed vs uninterrupted {gap:.3g}")
+    assert moved > 0 and gap < 0.05 * moved
 
 
 def test_sft_runner_lowers_loss_on_policy_tokens_with_gradient_checkpointing(ray_local, model_path, tok, tmp_path):

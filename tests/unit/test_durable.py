@@ -185,15 +185,16 @@ def test_a_round_resumed_mid_way_keeps_its_starting_policy_as_the_kl_reference(t
     d.state.policy = str(start)
     with pytest.raises(OSError):
         d._grpo_round(0)
-    assert first.tasks == [{"reference_path": None}]           # fresh: the model it trains
+    assert first.tasks == [{"reference_path": None, "resume_from": None}]           # fresh: the model it trains
     st = load_state(d.run_dir)
     assert st.step == 2 and st.round_start_policy == str(start)
+    ckpt2 = st.policy                                           # the trainer resumes from here
     assert _complete(start, 0)                                  # not pruned with the step checkpoints
     second = _Runner(tmp_path)
     d = _grpo_driver(tmp_path, monkeypatch, second)
     d.state = st                                                # the resume
     d._grpo_round(0)
-    assert second.tasks == [{"reference_path": str(start)}] and second.saved == [3]
+    assert second.tasks == [{"reference_path": str(start), "resume_from": str(ckpt2)}] and second.saved == [3]
 
 
 # --- Ray Train's copies of the checkpoints go when the round's runner stops ----------------
