@@ -31,6 +31,11 @@ on>; one whose ``arm.json`` exists is read back, an unfinished one is rerun from
 crash costs one arm). A sweep of an OPSD lever (``--set opsd.lr=…``) therefore reruns only G+O
 and reuses the draws' G and G+G. Step counts are fixed, never cut by a wall-clock budget.
 
+Memory: on a 24 GiB machine run nothing else beside it. 2026-12-07 (AVX2 EPYC, fp32): with
+train.micro_batch_size=2 the G arm peaked at ~24 GB (train ranks 6.5 + 5.9 GB, vLLM worker 5.1 GB,
+Serve + the bench process the rest) and Ray's memory monitor killed a train rank in GRPO step 3;
+the bench now trains one sequence per micro-batch.
+
 What each lever did (record here; EM points on the --eval questions):
   - 2026-12-06, an AVX2-only EPYC (fp32; ~2-3x slower than the AMX machines of earlier sessions),
     a reduced quick look that fit the session: --draws 1 --eval 60 --dev 24 --grpo-steps 3,
@@ -94,7 +99,10 @@ ABLATION_OVERRIDES = [
     # equal rewards left out (they carry no policy gradient)
     *GRPO_SETTINGS,
     "rollout.questions_per_batch=64",    # greedy evaluation: 64 sequences in flight, not 16
-    "train.micro_batch_size=2",
+    # one sequence per micro-batch (the same gradient: micro-batches are token-weighted): at 2 the
+    # G arm's train ranks reached 6.5 + 5.9 GB beside a 5.1 GB engine and Ray's memory monitor
+    # killed a rank at 95 % of 24 GiB in GRPO step 3 (2026-12-07, twice in session 10 as well)
+    "train.micro_batch_size=1",
     # OPSD: K = 5 rollouts of 32 questions (= 4 GRPO steps of rollouts), 8 LoRA steps of 8 pairs,
     # validation at steps 0, 4, 8 on the --dev questions
     "opsd.samples_per_question=5", "opsd.questions_per_round=32", "opsd.steps=8", "opsd.batch_size=8",
