@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN",
                    help="continue the run RUN (a name under run.output_dir — here or, for a run a Ray job "
                         "wrote, under ~/searche1-ray — or a run folder) from its state.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that already holds a run (its state.json is replaced; "
+                        "without this flag such a start is refused, so no run is lost by accident)")
     add_address_arg(p)
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
     p.add_argument("--dry-run", action="store_true",
@@ -79,7 +82,31 @@ def load_run_config(args: argparse.Namespace):
     overrides = list(args.overrides) + ([f"run.name={args.name}"] if args.name else [])
     cfg = load_config(args.config, overrides)
     cfg.run.output_dir = str(cfg.run_dir.parent)  # absolute: the driver actor's cwd may differ
+    if not getattr(args, "overwrite", False) and not getattr(args, "dry_run", False):
+        refuse_to_overwrite(cfg)
     return cfg
+
+
+def refuse_to_overwrite(cfg) -> None:
+    """A new run whose folder already holds one (a state.json) would replace that run's state:
+    refuse, and say how to continue it, start another, or really start afresh."""
+    import json
+
+    from searche1_ray.run_state import state_path
+
+    path = state_path(cfg.run_dir)
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+        what = f"status {old.get('status', '?')}" + (f", at stage {old['stages'][old['stage_index']]}"
+                                                     if old.get("stage_index", 0) < len(old.get("stages", []))
+                                                     else ", every stage done")
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        what = "its state.json unreadable"
+    raise SystemExit(f"train: {cfg.run_dir} already holds run '{cfg.run.name}' ({what}). Continue it with "
+                     f"`python -m jobs.train --resume {cfg.run.name}`, start another with --name, or pass "
+                     f"--overwrite to start this one afresh")
 
 
 def dry_run(cfg) -> int:

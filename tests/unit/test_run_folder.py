@@ -57,3 +57,15 @@ def test_status_and_resume_find_a_run_a_ray_job_wrote(home, tmp_path, monkeypatc
     with pytest.raises(FileNotFoundError, match=r"run 'nope': no state.json in .*checkout/nope or "
                                                 r".*checkout/runs/nope or .*searche1-ray/runs/nope"):
         find_run_dir("nope", "runs", "state.json")
+
+
+def test_a_new_run_into_a_folder_that_holds_one_is_refused_unless_overwrite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = train.load_run_config(train.parse_args(["--name", "r2"]))        # a fresh folder: fine
+    st = RunState("r2", ["warmstart", "grpo/0", "report"], stage_index=1, step=3, status="stopped")
+    save_state(cfg.run_dir, st)
+    with pytest.raises(SystemExit, match=r"already holds run 'r2' \(status stopped, at stage grpo/0\)\. "
+                                         r"Continue it with `python -m jobs.train --resume r2`.*--overwrite"):
+        train.load_run_config(train.parse_args(["--name", "r2"]))
+    assert train.load_run_config(train.parse_args(["--name", "r2", "--overwrite"])).run_dir == cfg.run_dir
+    assert train.load_run_config(train.parse_args(["--name", "r2", "--dry-run"])).run_dir == cfg.run_dir
