@@ -52,6 +52,25 @@ shown met: rerun on an idle machine. What the runs did show:
   * Arrow ``take`` for the passage lookup was slower than the row-by-row chunk lookup (~370 ms vs
     16 ms for 192 rows under load) and was not kept.
 
+Measured again 2026-12-07 13:30-13:36 UTC with nothing else running (load 2.6-5.6 is the
+servers' own threads), same requests; a slow day on this machine (every CI test ran 15-60 %
+slower than the day before):
+
+  server         1x1 q/s (p50 ms)  8x1   32x1 (p99 ms)  1x64   4x64
+  serve-http     26.3 (37.2)       56.9  71.2 (519)     125.1  138.7
+  serve-handle   36.2 (27.3)       83.3  105.5 (353)    147.9  147.8
+  searchr1-fp32  31.2 (30.3)       36.4  30.0 (1382)    147.1  154.9
+  searchr1-fp16  28.9 (34.2)       37.5  34.3 (1218)     36.1   40.8
+  serve_vs_searchr1_qps_at_32=2.37  serve_vs_searchr1_qps_batched=0.85  serve_vs_searchr1_p50_at_1=1.23
+
+The baseline again ran below issue 21's quiet figures (31 / 36 / 30 / 147 / 155 q/s against
+89 / 98 / 78 / 353 / 319), so "within +-25 %" is still not shown on this machine; as ratios in one
+run, the Serve app leads 2.4x at 32 single-query clients (3.5x through the handle), equals the
+baseline on 64-query requests through the handle (0.99 / 0.95) and trails over HTTP (0.85: the
+proxy hop), and pays ~7 ms more than the baseline per single request over HTTP (the handle is
+3 ms faster). At 64 queries both servers are encode-bound (~430 ms per request for MiniLM on
+one core here); the targets (3x, 1.5x, p50 ratio <= 1) are not met.
+
     python -m bench.retriever                                     # all servers, all shapes
     python -m bench.retriever --servers serve --requests 50,100,200,5,10   # a quick look
     python -m bench.retriever --set retriever.batch_wait_timeout_s=0.005
