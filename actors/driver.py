@@ -23,7 +23,7 @@ from typing import Any
 import ray
 
 from searche1_ray.config import Config, config_from_dict
-from searche1_ray.data.sampling import first_per_source, step_questions, strata
+from searche1_ray.data.sampling import eval_questions, step_questions, strata
 from searche1_ray.durable import atomic_write, atomic_write_with
 from searche1_ray.run_state import RunState, load_state, save_state, schedule, state_path
 from searche1_ray.training.opsd_round import RoundStopped
@@ -334,17 +334,16 @@ class SelfEvolutionDriver:
             if not qs:
                 continue
             # eval.limit: the first N of each data source (the merged test parquet holds seven)
-            qs = first_per_source(qs, cfg.eval.limit) if cfg.eval.limit else qs
-            limit = cfg.data.max_eval_questions or len(qs)
-            self._live["detail"] = f"evaluating {label} on {split} ({min(limit, len(qs))} questions)"
+            qs = eval_questions(qs, cfg.eval.limit, cfg.data.max_eval_questions)
+            self._live["detail"] = f"evaluating {label} on {split} ({len(qs)} questions)"
             out = self._eval_path(label, split)
             known = self._known_evals.pop((label, split), None)
-            if known and known.get("n") == min(limit, len(qs)) and Path(known.get("path", "")).is_file():
+            if known and known.get("n") == len(qs) and Path(known.get("path", "")).is_file():
                 atomic_write_with(out, lambda tmp: shutil.copyfile(known["path"], tmp))  # same policy, questions, greedy
                 results[split] = {k: v for k, v in known.items() if k != "path"}
                 log.info("eval %s %s: the OPSD round's validation of this policy, reused", label, split)
             else:
-                results[split] = evaluate_split(self.pool, qs[:limit], out, temperature=cfg.eval.temperature)
+                results[split] = evaluate_split(self.pool, qs, out, temperature=cfg.eval.temperature)
             self._metrics.set("eval_em", results[split]["em"])
             r = results[split]
             avg = f", Avg. over {len(r['by_type'])} types/datasets {r['avg']:.3f}" if "avg" in r else ""
@@ -426,7 +425,7 @@ class SelfEvolutionDriver:
         train = self.questions["train"]
         if cfg.data.max_train_questions:
             train = train[: cfg.data.max_train_questions]
-        dev = first_per_source(self.questions.get("dev", []), cfg.eval.limit)[: cfg.data.max_eval_questions or None]
+        dev = eval_questions(self.questions.get("dev", []), cfg.eval.limit, cfg.data.max_eval_questions)
         version = st.policy_version + 1
         # the post-GRPO evaluation measured this policy on these dev questions already
         start = st.evals.get(f"grpo{cycle}", {}).get("dev")

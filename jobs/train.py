@@ -90,19 +90,14 @@ def load_run_config(args: argparse.Namespace):
 def refuse_to_overwrite(cfg) -> None:
     """A new run whose folder already holds one (a state.json) would replace that run's state:
     refuse, and say how to continue it, start another, or really start afresh."""
-    import json
+    from searche1_ray.run_state import load_state, state_path
 
-    from searche1_ray.run_state import state_path
-
-    path = state_path(cfg.run_dir)
-    if not path.is_file():
+    if not state_path(cfg.run_dir).is_file():
         return
     try:
-        old = json.loads(path.read_text())
-        what = f"status {old.get('status', '?')}" + (f", at stage {old['stages'][old['stage_index']]}"
-                                                     if old.get("stage_index", 0) < len(old.get("stages", []))
-                                                     else ", every stage done")
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        old = load_state(cfg.run_dir)
+        what = f"status {old.status}, " + (f"at stage {old.stage}" if old.stage else "every stage done")
+    except (OSError, ValueError, TypeError):
         what = "its state.json unreadable"
     raise SystemExit(f"train: {cfg.run_dir} already holds run '{cfg.run.name}' ({what}). Continue it with "
                      f"`python -m jobs.train --resume {cfg.run.name}`, start another with --name, or pass "

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.retriever import default_index_dir, start_retriever
     from actors.rollout_worker import RolloutPool
     from searche1_ray.data.prepare import prepare_data, read_splits
-    from searche1_ray.data.sampling import first_per_source
+    from searche1_ray.data.sampling import eval_questions
     from searche1_ray.model_store import resolve_model
     from searche1_ray.training.opsd_round import run_opsd_round
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dev_limit is not None:
         dev = dev[: args.dev_limit or None]
     else:  # eval.limit: the first N of each data source; data.max_eval_questions: in all
-        dev = first_per_source(dev, cfg.eval.limit)[: cfg.data.max_eval_questions or None]
+        dev = eval_questions(dev, cfg.eval.limit, cfg.data.max_eval_questions)
     log.info("OPSD round from %s: %d training questions (%s sampled), %d dev questions -> %s", policy,
              len(train), cfg.opsd.questions_per_round or "all", len(dev), out)
 

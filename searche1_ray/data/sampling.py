@@ -95,3 +95,10 @@ def first_per_source(rows: Sequence[dict], limit: int) -> list[dict]:
             seen[src] = seen.get(src, 0) + 1
             out.append(r)
     return out
+
+
+def eval_questions(rows: Sequence[dict], limit: int, max_total: int = 0) -> list[dict]:
+    """The questions an evaluation or a validation scores: the first ``limit`` of each data
+    source (``eval.limit``), then at most ``max_total`` in all (``data.max_eval_questions``);
+    0 = no bound."""
+    return first_per_source(rows, limit)[: max_total or None]

@@ -94,3 +94,6 @@ def test_first_per_source_takes_the_first_n_of_each_source_in_order():
     assert first_per_source(merged, 0) == merged and first_per_source(merged, 9) == merged
     one = [{"id": str(i)} for i in range(5)]                       # no data_source: one group
     assert [r["id"] for r in first_per_source(one, 3)] == ["0", "1", "2"]
+    from searche1_ray.data.sampling import eval_questions   # eval.limit, then data.max_eval_questions
+    assert [r["id"] for r in eval_questions(merged, 2, 3)] == ["nq/0", "nq/1", "tq/0"]
+    assert eval_questions(merged, 0, 0) == merged and len(eval_questions(merged, 0, 4)) == 4
