@@ -253,6 +253,12 @@ class SelfEvolutionDriver:
         log.info("retriever at %s", url)
 
     def _teardown(self) -> None:
+        if self.state.status == "done":  # a stopped or failed run keeps it for its resume
+            from actors.retriever import stop_retriever
+            try:
+                stop_retriever(self.cfg.retriever)
+            except Exception as e:  # best effort
+                log.warning("could not delete the retriever app: %s", e)
         for name in ("runner", "pool"):
             obj = getattr(self, name, None)
             if obj is not None:

@@ -164,10 +164,20 @@ def _app_url(rcfg: RetrieverConfig):
     return f"http://{http.host}:{http.port}{rcfg.route_prefix}", http
 
 
+_DEPLOYED: set[str] = set()   # app names this process deployed (``stop_retriever`` deletes only those)
+
+
+class RetrieverAppConflict(RuntimeError):
+    """A Serve app of the configured name is running over another index."""
+
+
 def attach_retriever(rcfg: RetrieverConfig, index_dir: str | Path, built_at: Any = None):
     """``(handle, url)`` of an app named ``retriever.app_name`` that is already running on this
     Ray cluster over the same index build (a previous job's, or one ``jobs.serve_retriever``
-    started), else None. An app of that name over another index is left for ``serve.run`` to replace."""
+    started), else None (then ``serve.run`` deploys or redeploys it). An app of that name over the
+    same folder but an older build is stale and is replaced; over another index folder it is
+    refused with ``RetrieverAppConflict`` unless ``retriever.replace_app`` is set: another run's
+    rollout workers may be searching it, and they would silently search this corpus instead."""
     try:
         status = serve.status().applications.get(rcfg.app_name)
     except Exception:  # Serve not started on this cluster
@@ -181,9 +191,20 @@ def attach_retriever(rcfg: RetrieverConfig, index_dir: str | Path, built_at: Any
         log.info("retriever app '%s' is running but did not answer (%s); redeploying", rcfg.app_name, e)
         return None
     ours = str(Path(index_dir).expanduser().resolve())
-    if stats.get("index_dir") != ours or (built_at is not None and stats.get("built_at") != built_at):
-        log.info("retriever app '%s' serves %s (built %s), not %s (built %s); redeploying",
-                 rcfg.app_name, stats.get("index_dir"), stats.get("built_at"), ours, built_at)
+    if stats.get("index_dir") != ours:
+        if not rcfg.replace_app:
+            raise RetrieverAppConflict(
+                f"a retriever app named '{rcfg.app_name}' is already running on this Ray cluster over "
+                f"another index ({stats.get('index_dir')}, {stats.get('passages', '?')} passages), not "
+                f"{ours}; another run may be searching it. Give this run its own app "
+                f"(--set retriever.app_name=<name> and a free retriever.port), stop the other one "
+                f"(`serve delete {rcfg.app_name}`), or replace it (--set retriever.replace_app=true)")
+        log.warning("retriever app '%s' serves %s, not %s; replacing it (retriever.replace_app)",
+                    rcfg.app_name, stats.get("index_dir"), ours)
+        return None
+    if built_at is not None and stats.get("built_at") != built_at:
+        log.info("retriever app '%s' serves an older build of %s (built %s, now %s); redeploying",
+                 rcfg.app_name, ours, stats.get("built_at"), built_at)
         return None
     url = _app_url(rcfg)[0]
     log.info("attached to the running retriever app '%s' at %s (%d passages)", rcfg.app_name, url,
@@ -213,6 +234,19 @@ def start_retriever(cfg: Config, corpus_path: str | Path, index_dir: str | Path 
                     http.host, http.port)
     handle = serve.run(retriever_app(rcfg, index_dir), name=rcfg.app_name,
                        route_prefix=rcfg.route_prefix)
+    _DEPLOYED.add(rcfg.app_name)
     log.info("retriever app '%s' up at %s (%d passages, %s) in %.1fs", rcfg.app_name, url,
              meta["count"], meta["index"]["type"], time.perf_counter() - t0)
     return handle, url
+
+
+def stop_retriever(rcfg: RetrieverConfig) -> bool:
+    """Delete the app ``retriever.app_name`` if this process deployed it (a finished run's
+    driver does, so the next run on the cluster is not refused for a stale app); an app this
+    process attached to (``jobs.serve_retriever``'s, another job's) is left running. True if deleted."""
+    if rcfg.app_name not in _DEPLOYED:
+        return False
+    serve.delete(rcfg.app_name)
+    _DEPLOYED.discard(rcfg.app_name)
+    log.info("retriever app '%s' deleted", rcfg.app_name)
+    return True

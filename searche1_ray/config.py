@@ -87,6 +87,9 @@ class RetrieverConfig:
     port: int = 8000
     route_prefix: str = "/retrieve"
     app_name: str = "retriever"
+    # an app of this name already running over another index is refused (its users would
+    # silently search the wrong corpus); true = replace it
+    replace_app: bool = False
     max_batch_size: int = 32           # calls (requests) joined in one encode + search at most
     batch_wait_timeout_s: float = 0.0  # > 0: an idle replica waits this long for more calls
     num_threads: int = 0               # torch / FAISS threads per replica; 0 = ceil(num_cpus)
