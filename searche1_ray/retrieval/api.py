@@ -78,7 +78,10 @@ def parse_request(body: bytes | str | Any, max_queries: int, default_topk: int) 
     if isinstance(body, (bytes, bytearray, str)):
         try:
             body = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except RecursionError:  # "[[[[…": nesting deeper than the parser's recursion limit
+            raise RequestError(400, "request body is JSON nested too deeply; send "
+                                    "{\"queries\": [\"...\"], \"topk\": 3}") from None
+        except ValueError as e:  # not JSON, not UTF-8, or an integer over CPython's 4,300 digits
             raise RequestError(400, f"request body must be JSON like {{\"queries\": [\"...\"], "
                                     f"\"topk\": 3}}: {e}") from None
     if not isinstance(body, dict):

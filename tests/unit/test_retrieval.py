@@ -323,6 +323,10 @@ def test_valid_requests():
     (b'{"queries": ["a"], "topk": true}', 422, "'topk' must be an integer"),
     (b'{"queries": ["a"], "return_scores": "yes"}', 422, "'return_scores'"),
     (b'{"queries": ["a", "b", "c", "d", "e"]}', 413, "5 > 4 (retriever.max_queries_per_request)"),
+    # found by the HTTP fuzz test (issue 20): these raised past the parser (a 500)
+    (b"[" * 100_000, 400, "nested too deeply"),
+    (b'{"queries": ["a"], "topk": ' + b"9" * 5000 + b"}", 400, "must be JSON"),
+    (b'{"queries": ["a"], "topk": NaN}', 422, "'topk' must be an integer, got float nan"),
 ])
 def test_bad_requests_get_a_status_and_a_reason(body, status, words):
     got, message = _status(body)
