@@ -132,6 +132,7 @@ class SelfEvolutionDriver:
                 "num_stages": len(st.stages), "step": st.step, "policy_version": st.policy_version,
                 "evals": st.evals, "last": st.history[-1] if st.history else {}, "live": dict(self._live),
                 "run_dir": str(self.run_dir), "error": st.error, "active": self._running.locked(),
+                "faults": list(st.faults),
                 "rollout_workers": self.pool.num_workers if self.pool is not None else 0}
 
     def request_stop(self) -> None:
@@ -367,6 +368,34 @@ class SelfEvolutionDriver:
                               self.cfg.grpo.stratify_by)
 
     def _grpo_round(self, cycle: int) -> None:
+        """The round's steps; when its train workers fail (a rank's error, a rank that died) new
+        ones start from the last step checkpoint, up to ``train.max_failures`` times: the steps
+        after that checkpoint rerun (their rollouts are redrawn) and the pool gets its weights back."""
+        from searche1_ray.training.runner import TrainWorkerError
+
+        st, limit = self.state, self.cfg.train.max_failures
+        failures = 0
+        while True:
+            try:
+                return self._grpo_steps(cycle)
+            except TrainWorkerError as e:
+                failures += 1
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if failures > limit:
+                    raise TrainWorkerError(
+                        f"GRPO cycle {cycle}: the train workers failed {failures} time(s), more than "
+                        f"train.max_failures={limit}; the run can be resumed from step {st.step} "
+                        f"(python -m jobs.train --resume {st.run}). Last failure: {e}") from e
+                st.faults.append({"stage": st.stage, "restart_step": st.step, "error": first_line[:500],
+                                  "time": time.time()})
+                self._save()
+                log.warning("GRPO cycle %d: train workers failed (%s); restart %d of %d from step %d (%s)",
+                            cycle, first_line, failures, limit, st.step, st.policy)
+                self._live["restarts"] = failures
+                # steps after the checkpoint may have reached the engines: give them its weights back
+                self._load_policy_into_pool(st.policy, st.policy_version)
+
+    def _grpo_steps(self, cycle: int) -> None:
         from searche1_ray.grpo_round import grpo_step
         from searche1_ray.training.runner import TrainRunner
         from searche1_ray.training.tasks import GRPOTask

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         status = {"run": st.run, "status": st.status, "stage": st.stage, "step": st.step,
                   "stage_index": st.stage_index, "num_stages": len(st.stages),
                   "policy_version": st.policy_version, "evals": st.evals, "timings": st.timings,
-                  "last": st.history[-1] if st.history else {}, "error": st.error.splitlines()[:1]}
+                  "last": st.history[-1] if st.history else {}, "error": st.error.splitlines()[:1],
+                  "faults": st.faults}
     if args.json:
         print(json.dumps(status, indent=1, default=str))
         return 0
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     last = {k: v for k, v in (status.get("last") or {}).items() if isinstance(v, (int, float)) and "/" in k}
     if last:
         print("  last step: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.items())))
+    faults = status.get("faults") or []
+    if faults:
+        f = faults[-1]
+        print(f"  train-worker failures survived: {len(faults)} (last in {f.get('stage')}, restarted "
+              f"from step {f.get('restart_step')}: {f.get('error')})")
     if status.get("error"):
         print(f"  error: {status['error']}")
     return 0

@@ -145,9 +145,15 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     micro_batch_size: int = 4
     max_seq_len: int = 1024
+    # GPUs per train rank when use_gpu (Ray resources): < 1 lets ranks share a GPU with the
+    # engines (jobs.gpu_check on one GPU); on a cluster keep 1
+    gpus_per_worker: float = 1.0
     # a train command (a step, a weight export, a save) not finished by every rank within this
     # fails the run with a TimeoutError instead of hanging it (a hung collective); 0 = no limit
     command_timeout_s: float = 3600.0
+    # a GRPO round whose train workers fail (an error on a rank, a rank that died) starts new ones
+    # from its last step checkpoint (steps after it rerun) up to this many times; 0 = fail at once
+    max_failures: int = 2
 
 
 @dataclass
@@ -315,6 +321,8 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("train.micro_batch_size", lambda v: v >= 1, ">= 1"),
     ("train.max_seq_len", lambda v: v >= 16, ">= 16"),
     ("train.command_timeout_s", lambda v: v >= 0, ">= 0 (seconds; 0 = no limit)"),
+    ("train.gpus_per_worker", lambda v: 0 < v <= 1, "in (0, 1] (GPUs per train rank)"),
+    ("train.max_failures", lambda v: v >= 0, ">= 0 (restarts of a GRPO round's train workers; 0 = none)"),
     ("warmstart.num_examples", lambda v: v >= 1, ">= 1"),
     ("warmstart.noisy_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("warmstart.epochs", lambda v: v >= 1, ">= 1"),

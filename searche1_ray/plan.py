@@ -5,8 +5,9 @@ One entry per component, each with its placement-group bundles and the options h
     rollout    num_workers x placement group of tensor_parallel_size bundles
                {CPU: num_cpus_per_worker, GPU: num_gpus_per_worker}, STRICT_PACK (TP ranks on one
                node); a worker therefore holds tp x num_gpus_per_worker GPUs
-    train      Ray Train ScalingConfig(num_workers, use_gpu, resources_per_worker={CPU, GPU: 1 if
-               use_gpu}), placement strategy PACK; DeepSpeed ZeRO stage from train.zero_stage
+    train      Ray Train ScalingConfig(num_workers, use_gpu, resources_per_worker={CPU, GPU:
+               train.gpus_per_worker if use_gpu}), placement strategy PACK; DeepSpeed ZeRO stage
+               from train.zero_stage
     retriever  Serve deployment, ray_actor_options {num_cpus, num_gpus} per replica, autoscaling
                min_replicas..max_replicas; faiss-gpu shards the index over the replica's GPUs
     driver     the SelfEvolutionDriver actor: num_cpus=0 (it only coordinates)
@@ -131,7 +132,7 @@ def train_scaling_config(cfg: Config) -> dict[str, Any]:
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
-        resources["GPU"] = 1.0
+        resources["GPU"] = float(t.gpus_per_worker)
     return {"num_workers": t.num_workers, "use_gpu": t.use_gpu,
             "resources_per_worker": resources, "placement_strategy": "PACK"}
 

@@ -35,6 +35,10 @@ from searche1_ray.training.worker import READY, worker_loop
 log = logging.getLogger(__name__)
 
 
+class TrainWorkerError(RuntimeError):
+    """A train rank failed (its error, or the Ray Train run ended because a rank died): the
+    runner is unusable; the round may restart a new one from its last checkpoint (train.max_failures)."""
+
 
 @ray.remote(num_cpus=0)
 class CommandChannel:
@@ -117,13 +121,14 @@ class TrainRunner:
         t0 = time.time()
         self._thread.start()
         try:
-            self._collect(READY, timeout=start_timeout_s, what="start the train workers")
+            ready = self._collect(READY, timeout=start_timeout_s, what="start the train workers", all_ranks=True)
         except BaseException:
             # workers that start later find no channel, fail, and end the run
             self._stopped = True
             ray.kill(self.channel)
             raise
         self.start_s = time.time() - t0
+        self.worker_pids = [ready[r].get("pid") for r in sorted(ready)]  # what a fault test kills
         log.info("%d train workers ready in %.1f s (%s)", self.world, self.start_s, name)
 
     # ---- driver-side plumbing ------------------------------------------------------------
@@ -133,7 +138,8 @@ class TrainRunner:
         except BaseException as e:  # surfaced by the next command
             self._error = e
 
-    def _collect(self, seq: int, timeout: float | None, what: str, hint: str = "") -> Any:
+    def _collect(self, seq: int, timeout: float | None, what: str, hint: str = "",
+                 all_ranks: bool = False) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             res = ray.get(self.channel.wait_results.remote(seq, 2.0))
@@ -141,11 +147,11 @@ class TrainRunner:
                 errors = [(r, v["error"]) for r, v in sorted(res.items()) if isinstance(v, dict) and "error" in v]
                 if errors:
                     rank, tb = errors[0]
-                    self._error = RuntimeError(f"train worker rank {rank} failed to {what}:\n{tb}")
+                    self._error = TrainWorkerError(f"train worker rank {rank} failed to {what}:\n{tb}")
                     raise self._error
-                return res.get(0)
+                return res if all_ranks else res.get(0)
             if not self._thread.is_alive():
-                raise RuntimeError(f"the Ray Train run ended while waiting to {what}: {self._error!r}")
+                raise TrainWorkerError(f"the Ray Train run ended while waiting to {what}: {self._error!r}")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"train workers did not {what} within {timeout:g} s; " + (
                     hint or "check `ray status` for free CPUs (train.num_workers x train.cpus_per_worker)"))
@@ -154,7 +160,7 @@ class TrainRunner:
         if self._stopped:
             raise RuntimeError(f"TrainRunner is stopped; cannot {kind}")
         if self._error is not None:
-            raise RuntimeError(f"TrainRunner failed earlier: {self._error}")
+            raise TrainWorkerError(f"TrainRunner failed earlier: {self._error}")
         self._seq += 1
         ray.get(self.channel.send.remote({"kind": kind, "seq": self._seq, **payload}))
         if timeout is None and self.cfg.train.command_timeout_s > 0:

@@ -153,11 +153,24 @@ def _scrape(cluster, run: str, seen: set[str], stages: set[str]) -> None:
             stages.add(tags["stage"])
 
 
-def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path):
+def _train_worker_pids(cluster) -> list[int]:
+    """PIDs of the live Ray Train worker actors on the cluster."""
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(address=cluster["dashboard"], filters=[("state", "=", "ALIVE")], limit=1000)
+    except Exception:  # the state API may be briefly unavailable
+        return []
+    return [a.pid for a in actors if "TrainWorker" in (a.class_name or "") and a.pid]
+
+
+@pytest.mark.faults("driver killed mid-round, train worker SIGKILLed after the resume")
+def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path, record_property):
     """One tiny smoke run as users run it: `ray job submit`; the driver actor is killed after the
-    first GRPO step (the job fails, state.json keeps what was done); `--resume` in a second job
-    finishes it with every step done exactly once, the report written and the gauges live in
-    Prometheus while it ran. (One run for both checks: CI time.)"""
+    first GRPO step (the job fails, state.json keeps what was done); `--resume` in a second job,
+    in which a train worker of the round is SIGKILLed (the round restarts its trainer from the
+    last step checkpoint), finishes it with every step done exactly once, the report written and
+    the gauges live in Prometheus while it ran. (One run for all three checks: CI time.)"""
     import ray
 
     out = tmp_path / "runs"
@@ -184,10 +197,19 @@ def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path):
     assert killed_at["status"] == "running"  # killed, not stopped: state.json is what the last step left
     assert "eval/base" in killed_at["done"] and "grpo/0/step2" not in killed_at["done"]
 
+    before = _train_worker_pids(cluster)   # the killed driver's runner, if its workers linger
     _submit(cluster, "smoke-resume", [f"--resume={run_dir}"])
+    killed: list[int] = []
 
-    status = _wait_job(cluster, "smoke-resume", 1200, every=3,
-                       on_poll=lambda: _scrape(cluster, "resumed", seen, stages))
+    def poll():
+        _scrape(cluster, "resumed", seen, stages)
+        if not killed:  # SIGKILL a rank of the resumed round's trainer once (issue 20: train.max_failures)
+            pids = [p for p in _train_worker_pids(cluster) if p not in before]
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+
+    status = _wait_job(cluster, "smoke-resume", 1200, every=3, on_poll=poll)
     logs = _job_logs(cluster, "smoke-resume")
     assert status == "SUCCEEDED", logs[-4000:]
     state = _state(run_dir)
@@ -198,6 +220,10 @@ def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path):
         assert state["done"].count(f"grpo/0/step{step}") == 1
     keys = [h["key"] for h in state["history"] if h["key"].startswith("grpo/")]
     assert keys == [f"grpo/0/step{i}" for i in range(3)]
+    # the killed rank cost a restart of the round's trainer from its last checkpoint, not the run
+    record_property("injected", 1 + len(killed))   # the driver, then a train rank
+    assert killed, "no train worker of the resumed round was seen to kill"
+    assert [f["stage"] for f in state["faults"]] == ["grpo/0"], state["faults"]
     report = (run_dir / "report.md").read_text()
     for row in ("| base |", "| grpo0 |", "| opsd0 |"):
         assert row in report, (row, report)

@@ -1,10 +1,10 @@
 """Dress rehearsal of the paper recipe on CPU (issue 19): ``configs/paper_qwen2.5_3b.yaml`` — what a
 GPU user submits — run by ``python -m jobs.train`` through one full cycle (GRPO → OPSD with
-validation → merge → seven-dataset evaluation) with only the size overrides in ``REHEARSAL``, on
+validation → merge → seven-dataset evaluation) with only the size overrides of ``searche1_ray/rehearsal.py``, on
 a tiny synthetic world written in the real published formats (Search-R1's merged
 ``nq_hotpotqa_train`` parquet with repeated per-source ids, FlashRAG names, a wiki-18 jsonl).
 
-What differs from the GPU run is listed in one place, ``REHEARSAL`` below; everything else —
+What differs from the GPU run is listed in one place, ``searche1_ray/rehearsal.py``; everything else —
 ZeRO-3, the lean OPSD loss, Eq. 7's per-trajectory mean, the full-reference teacher, mini-batched
 GRPO with π_old recomputed, warm-up ratio, weight decay, the held-out validation set, the OPSD
 question budget — is the paper config's own. One step happens before the recipe: the 135M model
@@ -41,36 +41,11 @@ def _free_port() -> int:
 
 
 def rehearsal_overrides(data: Path, warm: str, out: Path) -> list[str]:
-    """Every override of the paper config the CPU rehearsal needs, and why."""
-    return [
-        # where: a private local Ray on 127.0.0.1, the run under pytest's tmp folder
-        f"run.output_dir={out}", "run.name=rehearsal", "run.ray_address=", "run.dashboard=false",
-        "run.cycles=1", "cluster.num_gpus=0", "cluster.gpus_per_node=0", "cluster.num_cpus=8",
-        # what: the warm-started SmolLM2-135M instead of Qwen2.5-3B; the tiny world's files in
-        # the published layout instead of /data/search-r1; MiniLM over its corpus instead of E5
-        f"model.name={warm}", "model.dtype=auto",
-        f"data.dir={data}", f"data.train_path={data / 'nq_hotpotqa_train' / 'train.parquet'}",
-        f"data.test_path={data / 'nq_hotpotqa_train' / 'test.parquet'}",
-        f"data.corpus_path={data / 'wiki-18.jsonl'}", "data.dev_from_train=4",
-        "retriever.encoder=minilm", "retriever.faiss_index_path=", "retriever.faiss_gpu=false",
-        "retriever.num_gpus=0", "retriever.num_cpus=0.5", f"retriever.port={_free_port()}",
-        f"retriever.index_dir={out / 'index'}",
-        # CPU placement: one vLLM worker, two gloo train ranks (ZeRO-3 kept), fp32 where no bf16
-        "rollout.num_workers=1", "rollout.num_gpus_per_worker=0", "rollout.num_cpus_per_worker=1",
-        "rollout.gpu_memory_utilization=0.9", "rollout.enforce_eager=true", "rollout.kv_cache_gib=1",
-        "train.use_gpu=false", "train.num_workers=2", "train.cpus_per_worker=1", "train.bf16=auto",
-        "train.gradient_checkpointing=false", "train.micro_batch_size=2",
-        # sizes: 1 GRPO step of 2 questions (G=5 kept: 10 sequences in 2 mini-batches of 5),
-        # an OPSD pool of 6 questions, 2 LoRA steps validated at 0 and 2 on the 4 held out; the whole
-        # test set (12 questions over the seven dataset names)
-        "grpo.steps_per_round=1", "grpo.questions_per_step=2", "grpo.mini_batch_size=5",
-        "grpo.checkpoint_every=1", "grpo.lr=1e-5",
-        "rollout.max_turn_tokens=64", "rollout.max_response_tokens=384", "rollout.max_information_tokens=200",
-        "rollout.questions_per_batch=16", "train.max_seq_len=768",
-        "opsd.questions_per_round=6", "opsd.samples_per_question=3", "opsd.steps=2", "opsd.batch_size=2",
-        "opsd.eval_every=2", "opsd.lr=1e-3",
-        "eval.limit=0",
-    ]
+    """Every override of the paper config the CPU rehearsal needs, and why: searche1_ray/rehearsal.py
+    (shared with ``python -m jobs.gpu_check``, which runs the same cycle on a GPU)."""
+    from searche1_ray.rehearsal import rehearsal_overrides as overrides
+
+    return overrides(data, warm, out, _free_port(), gpus=0)
 
 
 def test_paper_recipe_rehearsal(tmp_path):

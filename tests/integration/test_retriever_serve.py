@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.integration.conftest import ray_fixture, world_fixture
 
@@ -136,6 +138,7 @@ def test_concurrent_requests_share_batches(app):
     assert batches < 24
 
 
+@pytest.mark.faults("malformed and oversize HTTP bodies (live replica)")
 def test_bad_inputs_get_clear_errors_and_the_replica_survives(app):
     handle, url, _ = app
     from ray import serve
@@ -171,6 +174,7 @@ def test_bad_inputs_get_clear_errors_and_the_replica_survives(app):
     assert after["batches"] > before["batches"]
 
 
+@pytest.mark.faults("poisoned query batched with good ones")
 def test_a_poisoned_query_fails_alone_in_its_batch(app):
     """A lone surrogate (valid JSON, refused by the tokenizer) batched with good requests: it gets
     422 naming queries[i]; every good request batched with it gets its hits."""
@@ -195,6 +199,68 @@ def test_a_poisoned_query_fails_alone_in_its_batch(app):
                 c.result()
         else:
             assert len(c.result()[0]) == 1
+
+
+_JSON_LEAF = (st.none() | st.booleans() | st.integers(min_value=-10**30, max_value=10**30)
+              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
+              | st.sampled_from(["\ud800", "ok\udfff", "Zefoo Motors", "", " "]))
+_JSON = st.recursive(_JSON_LEAF, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+                     max_leaves=12)
+_BODY = st.one_of(
+    st.fixed_dictionaries({"queries": st.one_of(_JSON, st.lists(_JSON_LEAF, min_size=0, max_size=6))},
+                          optional={"topk": st.one_of(st.integers(min_value=-10**12, max_value=10**12), _JSON),
+                                    "return_scores": _JSON}),
+    _JSON)
+# raw bodies no JSON encoder writes: deep nesting, a 5,000-digit int (over CPython's int limit),
+# bare NaN, truncated JSON, bytes that are not UTF-8
+_RAW = [b"[" * 100_000, b'{"queries": ["a"], "topk": ' + b"9" * 5000 + b"}", b'{"queries": ["a"], "topk": NaN}',
+        b'{"queries": ["a"', b'{"queries": ["\xff\xfe"]}', b"\xff\xfe\x00{", b""]
+
+
+@pytest.mark.faults("HTTP fuzz of /retrieve")
+def test_fuzzed_bodies_get_a_status_and_the_replica_survives(app, record_property):
+    """Issue 20: property-based bodies for /retrieve (surrogates, nesting, huge and non-finite
+    numbers, wrong types, topk out of range) and raw bytes no encoder writes. Every answer is 200
+    with a result per query or a 4xx with an error that names the field; the replica never restarts."""
+    from ray import serve
+    handle, url, _ = app
+    before = _replica(serve, handle)
+    seen = Counter()
+
+    def check(data: bytes):
+        r = requests.post(url, data=data, headers={"content-type": "application/json"}, timeout=60)
+        seen[r.status_code] += 1
+        assert r.status_code in (200, 400, 413, 422), (data[:200], r.status_code, r.text[:300])
+        body = r.json()
+        if r.status_code == 200:
+            assert isinstance(body["result"], list)
+        else:
+            assert isinstance(body["error"], str) and body["error"], body
+        return r.status_code, body
+
+    @settings(max_examples=150, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(_BODY)
+    def fuzz(body):
+        status, answer = check(json.dumps(body, allow_nan=True).encode())
+        good = (isinstance(body, dict) and isinstance(body.get("queries"), list)
+                and 1 <= len(body["queries"]) <= MAX_QUERIES
+                and all(isinstance(q, str) and q.strip() and q.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") == q
+                        for q in body["queries"])
+                and ("topk" not in body or (type(body["topk"]) is int and 1 <= body["topk"] <= 100))
+                and ("return_scores" not in body or isinstance(body["return_scores"], bool)))
+        if good:   # a valid request is answered, one list of hits per query
+            assert status == 200 and len(answer["result"]) == len(body["queries"]), (body, answer)
+
+    fuzz()
+    for raw in _RAW:
+        status, _ = check(raw)
+        assert status in (400, 413, 422), raw[:60]
+    record_property("fuzz_cases", sum(seen.values()))
+    after = _replica(serve, handle)
+    print(f"\n/retrieve fuzz: {sum(seen.values())} bodies, statuses {dict(sorted(seen.items()))}")
+    assert after["replica"] == before["replica"]         # the same actor: it never crashed
+    assert seen[200] and (seen[400] + seen[422])         # both kinds were generated
 
 
 def test_a_second_start_attaches_to_the_running_app(app, world, cfg):
@@ -232,3 +298,24 @@ def test_recall_at_3_on_the_synthetic_world(app, world):
           ", ".join(f"{k} {v:.3f} (n={totals[k]})" for k, v in recall.items()))
     assert totals["single_hop"] >= 100
     assert recall["single_hop"] >= 0.9
+
+
+@pytest.mark.faults("retriever app over another index")
+def test_an_app_over_another_index_is_refused_then_replaced_when_configured(app, world, cfg, tmp_path):
+    """Issue 20: a start whose index differs from the running app's must not take the app over
+    from the run searching it (last in the module: it replaces the module's app)."""
+    import dataclasses
+    import shutil
+
+    from actors.retriever import RetrieverAppConflict, start_retriever
+    handle, url, _ = app
+    ours = Path(handle.stats.remote().result()["index_dir"])
+    other = tmp_path / "other-index"
+    shutil.copytree(ours, other)
+    with pytest.raises(RetrieverAppConflict, match=r"'retriever-test' is already running .*retriever.replace_app"):
+        start_retriever(cfg, world / "corpus.jsonl", other)
+    assert handle.stats.remote().result()["index_dir"] == str(ours)   # untouched
+    replacing = dataclasses.replace(cfg, retriever=dataclasses.replace(cfg.retriever, replace_app=True))
+    handle2, _ = start_retriever(replacing, world / "corpus.jsonl", other)
+    assert handle2.stats.remote().result()["index_dir"] == str(other.resolve())
+    assert len(handle2.retrieve.remote(["who"], 3).result()[0]) == 3

@@ -311,7 +311,8 @@ def test_async_and_rounds_schedules_give_the_same_greedy_trajectories(pool, worl
         pool.generate(qs[:1], n=1, loop="sync")
 
 
-def test_elastic_pool_add_mid_round_and_survive_a_killed_worker(pool, world, searcher):
+@pytest.mark.faults("rollout worker killed mid-round")
+def test_elastic_pool_add_mid_round_and_survive_a_killed_worker(pool, world, searcher, record_property):
     import ray
 
     pool.update_weights(searcher[0], SEARCHER_VERSION)
@@ -356,6 +357,9 @@ def test_elastic_pool_add_mid_round_and_survive_a_killed_worker(pool, world, sea
     assert "error" not in out, out.get("error")
     rows = out["rows"]
     keys = [(r["question_id"], r["sample_idx"]) for r in rows]
+    expected = {(q["id"], s) for q in qs for s in range(2)}
+    record_property("trajectories_lost", len(expected - set(keys)))
+    record_property("duplicated", len(keys) - len(set(keys)))
     assert keys == [(q["id"], s) for q in qs for s in range(2)]
     assert len(set(keys)) == len(keys) == 2 * len(qs)
     st = pool.last_stats

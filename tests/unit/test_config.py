@@ -31,6 +31,7 @@ def test_round_trip_through_dict():
     assert again == cfg
 
 
+@pytest.mark.faults("bad configs (error names the dotted key)")
 @pytest.mark.parametrize("override, message", [
     ("rollout.group_size=1", "config: rollout.group_size must be >= 2, got 1"),
     ("grpo.lr=-1", "config: grpo.lr must be > 0, got -1.0"),
@@ -60,6 +61,7 @@ def test_bad_values_fail_with_the_dotted_key(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.faults("bad configs (error names the dotted key)")
 def test_bad_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "missing.yaml")

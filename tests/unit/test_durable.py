@@ -54,6 +54,7 @@ def _fail_on(monkeypatch, name, exc):
     monkeypatch.setattr(durable, name, failing)
 
 
+@pytest.mark.faults("checkpoint save interrupted (ENOSPC, killed between write and rename)")
 @pytest.mark.parametrize("where, exc", [("replace_folder", OSError(errno.EIO, "rename failed")),
                                         ("fsync_path", OSError(errno.ENOSPC, "No space left on device"))])
 def test_an_interrupted_checkpoint_leaves_state_pointing_at_a_complete_one(tmp_path, monkeypatch, where, exc):
@@ -71,6 +72,7 @@ def test_an_interrupted_checkpoint_leaves_state_pointing_at_a_complete_one(tmp_p
     assert _complete(b, 2)
 
 
+@pytest.mark.faults("checkpoint save interrupted (ENOSPC, killed between write and rename)")
 def test_a_stale_tmp_folder_is_deleted_not_reused(tmp_path):
     folder = tmp_path / "grpo0-step0003"
     stale = folder.with_name(folder.name + ".tmp")  # a kill between write and rename, or a full disk
@@ -159,6 +161,7 @@ def _grpo_driver(tmp_path, monkeypatch, runner):
     return d
 
 
+@pytest.mark.faults("full disk mid-round")
 def test_a_full_disk_mid_round_leaves_the_last_durable_step(tmp_path, monkeypatch):
     d = _grpo_driver(tmp_path, monkeypatch, _Runner(tmp_path, fail_at=3))
     leftover = d.run_dir / "train" / "grpo0" / "ray_train" / "grpo-killed" / "grpo0-step0001"

@@ -36,6 +36,7 @@ def _driver(tmp_path, run_stage):
     return d
 
 
+@pytest.mark.faults("two schedules on one driver")
 def test_a_second_run_on_a_running_driver_is_refused(tmp_path):
     entered, release = threading.Event(), threading.Event()
 
@@ -58,6 +59,7 @@ def test_a_second_run_on_a_running_driver_is_refused(tmp_path):
     assert d.status()["active"] is False
 
 
+@pytest.mark.faults("resume after a stop")
 def test_a_resume_after_a_stop_runs_instead_of_stopping_at_once(tmp_path):
     d = _driver(tmp_path, lambda stage: None)
     d.request_stop()  # asked of the previous run(), which has returned
@@ -97,6 +99,7 @@ class _LiveDriver:
         self.run = _Remote(lambda: pytest.fail("train started a second schedule"))
 
 
+@pytest.mark.faults("two schedules on one driver")
 def test_train_refuses_to_attach_a_second_schedule_to_a_running_driver(tmp_path, monkeypatch, capsys):
     import ray
 

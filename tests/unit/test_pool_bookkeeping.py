@@ -32,6 +32,7 @@ def _inflight(pool, started_ago: dict[int, float]):
     return inflight
 
 
+@pytest.mark.faults("hung rollout engine (timeout)")
 def test_only_the_overdue_batch_is_requeued_and_its_worker_dropped(monkeypatch):
     killed = []
     monkeypatch.setattr("ray.kill", lambda h: killed.append(h))
@@ -44,6 +45,7 @@ def test_only_the_overdue_batch_is_requeued_and_its_worker_dropped(monkeypatch):
     assert killed == ["h0"] and 0 not in pool._workers and pool.timeouts == 1
 
 
+@pytest.mark.faults("hung rollout engine (timeout)")
 def test_past_its_retries_the_round_fails_naming_the_setting(monkeypatch):
     monkeypatch.setattr("ray.kill", lambda h: None)
     pool = _pool(limit=2.5)

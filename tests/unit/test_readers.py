@@ -101,6 +101,7 @@ def test_our_search_r1_writer_round_trips(tmp_path):
         ["Varo Medlin", "Medlin"]
 
 
+@pytest.mark.faults("bad data files (error names file:line)")
 @pytest.mark.parametrize("line,message", [
     ('{"id": "a", "question": "Q?", "golden_answers": 3}',
      "field 'golden_answers' must be a list of strings, got int"),
@@ -138,6 +139,7 @@ def test_duplicate_ids_name_both_lines(tmp_path):
         read_qa(path)
 
 
+@pytest.mark.faults("bad data files (error names file:line)")
 def test_parquet_errors_name_the_row_and_field(tmp_path):
     rows = _search_r1_full(FLASHRAG)
     for r in rows:

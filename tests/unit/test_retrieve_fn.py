@@ -71,6 +71,7 @@ class _HungResponse:
         self.cancelled = True
 
 
+@pytest.mark.faults("hung retriever (timeout)")
 def test_a_hung_retriever_times_out_naming_the_setting():
     resp = _HungResponse()
 

@@ -42,6 +42,7 @@ def test_same_index_and_build_attaches(monkeypatch, tmp_path):
     assert url == "http://127.0.0.1:8000/retrieve" and handle.stats.result()["passages"] == 100
 
 
+@pytest.mark.faults("retriever app over another index")
 def test_another_index_is_refused_naming_both_and_the_ways_out(monkeypatch, tmp_path):
     _fake_serve(monkeypatch, _stats(tmp_path / "theirs"))
     with pytest.raises(retriever.RetrieverAppConflict) as e:
