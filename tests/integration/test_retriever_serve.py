@@ -206,7 +206,12 @@ _JSON_LEAF = (st.none() | st.booleans() | st.integers(min_value=-10**30, max_val
               | st.sampled_from(["\ud800", "ok\udfff", "Zefoo Motors", "", " "]))
 _JSON = st.recursive(_JSON_LEAF, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
                      max_leaves=12)
+_VALID = st.fixed_dictionaries(   # mostly well-formed: the 200 path is fuzzed too
+    {"queries": st.lists(st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40),
+                         min_size=1, max_size=8)},
+    optional={"topk": st.integers(min_value=1, max_value=100), "return_scores": st.booleans()})
 _BODY = st.one_of(
+    _VALID,
     st.fixed_dictionaries({"queries": st.one_of(_JSON, st.lists(_JSON_LEAF, min_size=0, max_size=6))},
                           optional={"topk": st.one_of(st.integers(min_value=-10**12, max_value=10**12), _JSON),
                                     "return_scores": _JSON}),
@@ -260,7 +265,7 @@ def test_fuzzed_bodies_get_a_status_and_the_replica_survives(app, record_propert
     after = _replica(serve, handle)
     print(f"\n/retrieve fuzz: {sum(seen.values())} bodies, statuses {dict(sorted(seen.items()))}")
     assert after["replica"] == before["replica"]         # the same actor: it never crashed
-    assert seen[200] and (seen[400] + seen[422])         # both kinds were generated
+    assert seen[200] >= 30 and seen[422] >= 30           # both kinds, in numbers
 
 
 def test_a_second_start_attaches_to_the_running_app(app, world, cfg):
