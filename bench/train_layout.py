@@ -9,14 +9,22 @@ the config's). Every layout trains the same fresh SmolLM2 on the same ``--batch`
 oracle warm-start trajectories (SFT, the warm start's loss) for ``--steps`` steps; the first step
 is a warm-up and is left out of the median. One layout at a time, each on the whole machine.
 
-Prints seconds per step and policy tokens per second per layout; the last line is
+Prints seconds per step, sequence tokens per second and MFU per layout; the last line is
 ``<fastest>_vs_<first>=<ratio of median step times>``.
+
+MFU = model FLOPs per second ÷ the matmul peak measured in the same run (``matmul_peak``: a
+square matmul of the trainer's dtype — bf16 where train.bf16 resolves to it, else fp32 — on
+every core, best of 5). Model FLOPs per sequence token: 6·N (forward + backward over the N
+parameters) + 12·L·d·s (attention scores and values, forward + backward, at the batch's mean
+sequence length s; causal masking not discounted), as in the PaLM paper's appendix B.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import statistics
 import sys
 import tempfile
@@ -39,6 +47,30 @@ def parse_layout(text: str) -> tuple[int, int, int | None]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"layout {text!r}: expected RANKSxTHREADS[:MICRO], e.g. 2x1 or 1x2:4")
     return ranks, threads, mb
+
+
+def matmul_peak(dtype, threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` n×n @ n×n matmuls in ``dtype`` on ``threads`` threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n ** 3 / best
+
+
+def flops_per_token(num_params: int, layers: int, hidden: int, seq_len: float) -> float:
+    """Training FLOPs per sequence token: 6·N + 12·L·d·s (see the module docstring)."""
+    return 6 * num_params + 12 * layers * hidden * seq_len
 
 
 def parse_args(argv=None):
@@ -85,6 +117,21 @@ def main(argv=None) -> int:
         seq = [sum(len(s["input_ids"]) for s in b) for b in batches]
         log.info("%d batches of %d trajectories: %d sequence tokens per batch on average",
                  len(batches), args.batch, sum(seq) // len(seq))
+        import torch
+        from transformers import AutoConfig
+
+        from searche1_ray.hardware import resolve_bf16
+
+        mc = AutoConfig.from_pretrained(model)
+        num_params = _num_params(model)
+        mean_len = sum(seq) / sum(len(b) for b in batches)
+        fpt = flops_per_token(num_params, mc.num_hidden_layers, mc.hidden_size, mean_len)
+        dtype = torch.bfloat16 if resolve_bf16(cfg.train.bf16, cfg.train.use_gpu) else torch.float32
+        cores = len(os.sched_getaffinity(0))
+        peak = matmul_peak(dtype, cores)
+        print(f"matmul peak ({str(dtype).replace('torch.', '')}, {cores} threads, 2048^3): {peak / 1e9:.0f} GFLOP/s; "
+              f"model {num_params / 1e6:.1f} M parameters, {fpt / 1e9:.2f} GFLOP per sequence token "
+              f"at a mean length of {mean_len:.0f}", flush=True)
         for ranks, threads, mb in args.layouts:
             over = [f"train.num_workers={ranks}", f"train.cpus_per_worker={threads}"]
             if mb is not None:
@@ -106,14 +153,28 @@ def main(argv=None) -> int:
             med = statistics.median(times[1:])
             tok_s = statistics.median(s / t for s, t in zip(seq[1:], times[1:]))
             results.append((name, med))
+            mfu = tok_s * fpt / peak
             print(f"{name:>8}: start {start_s:5.1f} s, step {med:6.2f} s (median of {len(times) - 1}; "
-                  f"all {' '.join(f'{t:.1f}' for t in times)}), {tok_s:6.0f} sequence tokens/s", flush=True)
+                  f"all {' '.join(f'{t:.1f}' for t in times)}), {tok_s:6.0f} sequence tokens/s, "
+                  f"MFU {100 * mfu:.1f} %", flush=True)
     finally:
         ray.shutdown()
     first = results[0]
     best = min(results, key=lambda r: r[1])
     print(f"{best[0]}_vs_{first[0]}={first[1] / best[1]:.2f}")
     return 0
+
+
+def _num_params(model_dir: str) -> int:
+    """Parameters in a safetensors HF folder (tied embeddings counted once), read from headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                total += math.prod(h.get_slice(k).get_shape())
+    return total
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     # no warm start (its stage is one call of run_warmstart, which test_opsd runs for real)
     "warmstart.enabled=false", "eval.limit=3", "eval.splits=[dev]",
-    "grpo.steps_per_round=3", "grpo.questions_per_step=2", "grpo.checkpoint_every=1",
+    "grpo.steps_per_round=2", "grpo.questions_per_step=2", "grpo.checkpoint_every=1",
     "rollout.group_size=2", "rollout.max_turn_tokens=48", "rollout.max_response_tokens=192",
     "rollout.questions_per_batch=8",
     "opsd.samples_per_question=2", "opsd.steps=2", "opsd.eval_every=2", "opsd.batch_size=2",
@@ -195,7 +195,7 @@ def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path, record
     assert _wait_job(cluster, "smoke-kill", 300) == "FAILED"
     killed_at = _state(run_dir)
     assert killed_at["status"] == "running"  # killed, not stopped: state.json is what the last step left
-    assert "eval/base" in killed_at["done"] and "grpo/0/step2" not in killed_at["done"]
+    assert "eval/base" in killed_at["done"] and "grpo/0/step1" not in killed_at["done"]
 
     before = _train_worker_pids(cluster)   # the killed driver's runner, if its workers linger
     _submit(cluster, "smoke-resume", [f"--resume={run_dir}"])
@@ -216,10 +216,10 @@ def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path, record
     assert state["status"] == "done"
     assert [s for s in state["stages"] if s not in state["done"]] == []
     assert len(state["done"]) == len(set(state["done"]))
-    for step in range(3):
+    for step in range(2):
         assert state["done"].count(f"grpo/0/step{step}") == 1
     keys = [h["key"] for h in state["history"] if h["key"].startswith("grpo/")]
-    assert keys == [f"grpo/0/step{i}" for i in range(3)]
+    assert keys == [f"grpo/0/step{i}" for i in range(2)]
     # the killed rank cost a restart of the round's trainer from its last checkpoint, not the run
     record_property("injected", 1 + len(killed))   # the driver, then a train rank
     assert killed, "no train worker of the resumed round was seen to kill"
