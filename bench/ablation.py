@@ -62,6 +62,22 @@ What each lever did (record here; EM points on the --eval questions):
     questions without a correct rollout), KL 0.295 -> 0.175 -> 0.102 -> 0.152 (a new batch each
     step), clip fraction ~1e-7, dev EM 0.542 -> 0.500 -> 0.500; validation kept step 0. Stopped
     after the OPSD round (G+G would have rerun for the larger budget). 14 min.
+  - 2026-12-07 (session 12), same machine, nothing else running after the first 20 min:
+    --draws 1 --eval 120 --dev 60 --grpo-steps 3, warm start 48 examples at lr 2e-4, OPSD pool
+    48 questions x K=5, 16 LoRA steps of 8 pairs at opsd.lr 2e-4, validation every 4 steps.
+    72 min in all (G 889 s train + 147 s eval, G+O 1720 + 180, G+G 816 + 148; GRPO steps took
+    340-357 s while tests ran beside them, 106-153 s alone). Test EM (type average / overall):
+    warm start 16.7 / 20.0, G 21.3 / 26.7, G+O 23.7 / 29.2, G+G 31.4 / 35.8.
+    The first OPSD round that raised held-out EM: 30 pairs (24 incorrect students; 18 of 48
+    questions without a correct rollout), KL 0.186 -> 0.070, clip fraction 5e-8, dev EM
+    0.350 -> 0.333 -> 0.350 -> 0.383 -> 0.400 (steps 0-16; still rising), kept step 16; on the
+    test questions G+O vs G 7 up / 4 down (p = 0.55), 43 greedy answers changed. But equal-budget
+    GRPO did more: G+G vs G 14 up / 3 down (p = 0.013), G+O vs G+G 3 / 11 (p = 0.057).
+    GRPO drives the multi-hop types to 0: bridge 17.9 -> 0.0 and two_hop 10.0 -> 0.0 after three
+    steps (single_hop 39.0 -> 70.7, comparison 0 -> 14.3); searches per question stay ~1.0, so
+    the policy answers after one search, which cannot reach a two-hop answer. OPSD did not bring
+    them back (pairs: bridge 2 of 10 questions, two_hop 3 of 12 — the pool rarely has a correct
+    multi-hop rollout to teach from). grpo_gain=4.5 opsd_gain_over_grpo=2.4 opsd_vs_more_grpo=-7.8.
 """
 
 from __future__ import annotations

@@ -201,15 +201,31 @@ def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path, record
     _submit(cluster, "smoke-resume", [f"--resume={run_dir}"])
     killed: list[int] = []
 
+    def in_step() -> bool:
+        """The resumed driver is inside a GRPO step: its trainer is up (a rank killed while Ray
+        Train still starts the group is replaced by Ray Train itself, unseen by the round)."""
+        try:
+            live = ray.get(ray.get_actor("searche1-driver-resumed", namespace="searche1").status.remote(),
+                           timeout=10)["live"]
+        except Exception:  # not created yet
+            return False
+        return "GRPO cycle 0 step" in live.get("detail", "")
+
     def poll():
         _scrape(cluster, "resumed", seen, stages)
-        if not killed:  # SIGKILL a rank of the resumed round's trainer once (issue 20: train.max_failures)
+        if not killed and in_step():  # SIGKILL a rank of the resumed round's trainer once (train.max_failures)
             pids = [p for p in _train_worker_pids(cluster) if p not in before]
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
+                print(f"\nSIGKILL train worker {pids[0]} at {time.strftime('%H:%M:%S')}; state done: "
+                      f"{_state(run_dir).get('done')}", flush=True)
 
-    status = _wait_job(cluster, "smoke-resume", 1200, every=3, on_poll=poll)
+    ray.init(address=cluster["gcs"], namespace="searche1", log_to_driver=False)
+    try:
+        status = _wait_job(cluster, "smoke-resume", 1200, every=3, on_poll=poll)
+    finally:
+        ray.shutdown()
     logs = _job_logs(cluster, "smoke-resume")
     assert status == "SUCCEEDED", logs[-4000:]
     state = _state(run_dir)
@@ -223,7 +239,7 @@ def test_job_submit_kill_the_driver_resume_to_a_report(cluster, tmp_path, record
     # the killed rank cost a restart of the round's trainer from its last checkpoint, not the run
     record_property("injected", 1 + len(killed))   # the driver, then a train rank
     assert killed, "no train worker of the resumed round was seen to kill"
-    assert [f["stage"] for f in state["faults"]] == ["grpo/0"], state["faults"]
+    assert [f["stage"] for f in state["faults"]] == ["grpo/0"], (state["faults"], logs[-6000:])
     report = (run_dir / "report.md").read_text()
     for row in ("| base |", "| grpo0 |", "| opsd0 |"):
         assert row in report, (row, report)
