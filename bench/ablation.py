@@ -165,12 +165,13 @@ def arm_key(cfg, args, name: str) -> str:
     d = cfg.to_dict()
     base = {k: d[k] for k in ("model", "data", "retriever", "rollout", "train", "warmstart", "grpo")}
     # how the rollout is scheduled (async / rounds, in-flight cap) does not change what is
-    # sampled, nor do timeouts, whether checkpoints keep the optimizer state, or whether a Serve
-    # app over another index may be replaced
+    # sampled, nor do timeouts, restarts after failures, GPU shares, whether checkpoints keep the
+    # optimizer state, or whether a Serve app over another index may be replaced
     base["rollout"] = {k: v for k, v in base["rollout"].items()
                        if k not in ("loop", "max_inflight", "batch_timeout_s")}
     base["retriever"] = {k: v for k, v in base["retriever"].items() if k not in ("call_timeout_s", "replace_app")}
-    base["train"] = {k: v for k, v in base["train"].items() if k != "command_timeout_s"}
+    base["train"] = {k: v for k, v in base["train"].items()
+                     if k not in ("command_timeout_s", "max_failures", "gpus_per_worker")}
     base["grpo"] = {k: v for k, v in base["grpo"].items() if k != "save_optimizer"}
     base.update(seed=d["run"]["seed"], grpo_steps=args.grpo_steps, warm=args.warmstart_dir or "", version=1)
     if name == "warm start":  # the cached policy (warmstart, max_seq_len) and its greedy evaluation

@@ -40,6 +40,7 @@ def test_ablation_arm_keys_ignore_operational_settings():
     for arm in ("G", "G+O", "G+G"):
         assert key(arm) == key(arm, "rollout.batch_timeout_s=60", "retriever.call_timeout_s=5",
                                "train.command_timeout_s=10", "grpo.save_optimizer=false",
-                               "rollout.loop=rounds")
+                               "rollout.loop=rounds", "train.max_failures=0", "train.gpus_per_worker=0.5",
+                               "retriever.replace_app=true")
         assert key(arm) != key(arm, "grpo.lr=1e-3")
     assert key("G") == key("G", "opsd.lr=1e-3") != key("G+O", "opsd.lr=1e-3")
