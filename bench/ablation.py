@@ -359,6 +359,16 @@ class Ablation:
 # ------------------------------------------------------------------------------------ report
 
 
+def searches_by_type(rows: list[dict], types: dict[str, str]) -> dict[str, float]:
+    """Mean ``num_searches`` per question type of ``rows`` (and ``overall``)."""
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        by.setdefault(types.get(r["question_id"], "?"), []).append(r["num_searches"])
+    out = {k: statistics.mean(v) for k, v in by.items()}
+    out["overall"] = statistics.mean(r["num_searches"] for r in rows) if rows else float("nan")
+    return out
+
+
 def _mean_sd(xs: list[float]) -> str:
     xs = [x for x in xs if x == x]
     if not xs:
@@ -399,6 +409,18 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
              "| policy | " + " | ".join(cols) + " | overall |", "|---|" + "---:|" * (len(cols) + 1)]
     for r in ROWS:
         lines.append(f"| {r} | " + " | ".join(_mean_sd(table[r][c]) for c in cols + ["overall"]) + " |")
+
+    # how often each policy searches per type: a policy that answers after one search cannot
+    # reach a two-hop answer (GRPO's collapse on this testbed, session 12)
+    lines += ["", "Searches per question (greedy, mean over draws) per question type:", "",
+              "| policy | " + " | ".join(kinds) + " | overall |", "|---|" + "---:|" * (len(kinds) + 1)]
+    for r in ROWS:
+        runs = [warm_rows] if r == "warm start" else [rows_of[(d, r)] for d in draws if (d, r) in rows_of]
+        if runs:
+            per = [searches_by_type(x, types) for x in runs]
+            lines.append(f"| {r} | " + " | ".join(
+                f"{statistics.mean(p[k] for p in per if k in p):.2f}" if any(k in p for p in per) else "–"
+                for k in kinds + ["overall"]) + " |")
 
     comparisons = [("G", "warm start"), ("G+O", "G"), ("G+G", "G"), ("G+O", "G+G")]
     lines += ["", "Paired changes on the same questions, pooled over draws (exact two-sided sign test):", "",

@@ -44,3 +44,12 @@ def test_ablation_arm_keys_ignore_operational_settings():
                                "retriever.replace_app=true")
         assert key(arm) != key(arm, "grpo.lr=1e-3")
     assert key("G") == key("G", "opsd.lr=1e-3") != key("G+O", "opsd.lr=1e-3")
+
+
+def test_ablation_searches_by_type():
+    from bench.ablation import searches_by_type
+
+    rows = [{"question_id": "a", "num_searches": 2}, {"question_id": "b", "num_searches": 1},
+            {"question_id": "c", "num_searches": 0}, {"question_id": "d", "num_searches": 3}]
+    types = {"a": "two_hop", "b": "single_hop", "c": "single_hop", "d": "two_hop"}
+    assert searches_by_type(rows, types) == {"two_hop": 2.5, "single_hop": 0.5, "overall": 1.5}
