@@ -16,7 +16,6 @@ the line (jsonl, 1-based) or row (parquet, 0-based), the field, and what was exp
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 from pathlib import Path
@@ -41,27 +40,39 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, gzipped when its name ends in .gz. Bytes that are not
+    UTF-8, a truncated gzip stream or a .gz name on a plain file are errors naming the file and line."""
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataFormatError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} "
+                                          f"of the line: 0x{raw[e.start]:02x}); data files must be UTF-8") from None
+    except EOFError:
+        raise DataFormatError(f"{path}: the gzip stream ends early (after {lineno} complete line(s)): the file is "
+                              "truncated; download or copy it again") from None
+    except gzip.BadGzipFile:
+        raise DataFormatError(f"{path}: not a gzip file, although its name ends in .gz") from None
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line; bad JSON or a non-object is an error."""
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column "
-                                      f"{e.colno}); each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got "
-                                      f"{_type_name(obj)}")
-            yield lineno, obj
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}:{lineno}: invalid JSON ({e.msg} at column "
+                                  f"{e.colno}); each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got "
+                                  f"{_type_name(obj)}")
+        yield lineno, obj
 
 
 def _answers(value: Any, where: str, field: str) -> list[str]:

@@ -131,6 +131,29 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path, line, message):
     assert isinstance(err.value, ValueError)
 
 
+@pytest.mark.faults("bad data files (error names file:line)")
+def test_undecodable_and_truncated_files_are_named_not_a_bare_error(tmp_path):
+    import gzip
+
+    good = json.dumps({"id": "1", "question": "Q?", "golden_answers": ["x"]}).encode() + b"\n"
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(good + b'{"id": "2", "question": "caf\xe9?", "golden_answers": ["x"]}\n')
+    with pytest.raises(DataFormatError, match=re.escape(f"{latin}:2: not UTF-8 text") + ".*0xe9"):
+        read_qa(latin)
+    whole = gzip.compress(good * 500)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataFormatError, match=re.escape(f"{cut}: the gzip stream ends early") + ".*truncated"):
+        read_qa(cut)
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_bytes(good)
+    with pytest.raises(DataFormatError, match=re.escape(f"{plain}: not a gzip file")):
+        read_qa(plain)
+    ok = tmp_path / "ok.jsonl.gz"
+    ok.write_bytes(gzip.compress(good))
+    assert [r["id"] for r in read_qa(ok)] == ["1"]
+
+
 def test_duplicate_ids_name_both_lines(tmp_path):
     row = json.dumps({"id": "a", "question": "Q?", "golden_answers": ["x"]})
     path = write_lines(tmp_path / "train.jsonl", [row, row])
