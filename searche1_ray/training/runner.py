@@ -121,14 +121,13 @@ class TrainRunner:
         t0 = time.time()
         self._thread.start()
         try:
-            ready = self._collect(READY, timeout=start_timeout_s, what="start the train workers", all_ranks=True)
+            self._collect(READY, timeout=start_timeout_s, what="start the train workers")
         except BaseException:
             # workers that start later find no channel, fail, and end the run
             self._stopped = True
             ray.kill(self.channel)
             raise
         self.start_s = time.time() - t0
-        self.worker_pids = [ready[r].get("pid") for r in sorted(ready)]  # what a fault test kills
         log.info("%d train workers ready in %.1f s (%s)", self.world, self.start_s, name)
 
     # ---- driver-side plumbing ------------------------------------------------------------
@@ -138,8 +137,7 @@ class TrainRunner:
         except BaseException as e:  # surfaced by the next command
             self._error = e
 
-    def _collect(self, seq: int, timeout: float | None, what: str, hint: str = "",
-                 all_ranks: bool = False) -> Any:
+    def _collect(self, seq: int, timeout: float | None, what: str, hint: str = "") -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             res = ray.get(self.channel.wait_results.remote(seq, 2.0))
@@ -149,7 +147,7 @@ class TrainRunner:
                     rank, tb = errors[0]
                     self._error = TrainWorkerError(f"train worker rank {rank} failed to {what}:\n{tb}")
                     raise self._error
-                return res if all_ranks else res.get(0)
+                return res.get(0)
             if not self._thread.is_alive():
                 raise TrainWorkerError(f"the Ray Train run ended while waiting to {what}: {self._error!r}")
             if deadline is not None and time.monotonic() > deadline:

@@ -31,7 +31,6 @@ parameters on every rank first (``tasks.full_parameters``).
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from pathlib import Path
@@ -60,7 +59,7 @@ def worker_loop(config: dict) -> None:
     except BaseException:
         ray.get(channel.put_result.remote(READY, rank, {"error": traceback.format_exc()}))
         raise
-    ray.get(channel.put_result.remote(READY, rank, {"ok": True, "pid": os.getpid()}))
+    ray.get(channel.put_result.remote(READY, rank, {"ok": True}))
     while True:
         cmd = ray.get(channel.next_command.remote(rank))
         if cmd["kind"] == "stop":
