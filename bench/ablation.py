@@ -81,6 +81,16 @@ What each lever did (record here; EM points on the --eval questions):
     Same settings + grpo.loss_agg=seq_mean (G arm only): test EM 0.308 vs 0.267 (10 up / 5 down),
     bridge 7 % and two_hop 3 % instead of 0, greedy searches ~1.1; one-search rollouts 14 -> 27 -> 29
     of 40 over the three steps (token_mean 14 -> 31 -> 29): it slows the collapse, not stops it.
+  - 2026-12-07 (session 13), same warm start, G arm only, seq_mean + grpo.kl_coef=0.001 +
+    grpo.questions_per_step=16 + grpo.warmup_steps=3 (lr 1e-5, 2e-5, 3e-5: Adam's first update is
+    ~lr x sign(grad) on every weight, the largest move of a round, and at 8 questions it followed
+    3 groups): steps 581 / 423 / 369 s. Mean searches per rollout, step 0 -> 1 -> 2: single_hop
+    2.06 -> 1.73 -> 1.08, multi-hop 1.64 -> 1.47 -> 1.09, comparison 2.25 -> 1.60 -> 1.35; rollout
+    reward on multi-hop 0.04 / 0.07 / 0.03 (T = 0.7). Test EM 29.2 overall (avg 23.7; 21 up / 10
+    down vs the warm start, p = 0.071): single_hop 75.6, comparison 19.0, bridge 0.0, two_hop 0.0,
+    greedy searches 1.0. The collapse is not an lr or batch effect: multi-hop rollouts of this warm
+    start are almost never right, so GRPO has no multi-hop signal, while single-hop groups reward
+    answering after the first search (the warm start searched 1.85 times on single-hop questions).
 """
 
 from __future__ import annotations
