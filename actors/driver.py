@@ -18,7 +18,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -371,28 +371,35 @@ class SelfEvolutionDriver:
         """The round's steps; when its train workers fail (a rank's error, a rank that died) new
         ones start from the last step checkpoint, up to ``train.max_failures`` times: the steps
         after that checkpoint rerun (their rollouts are redrawn) and the pool gets its weights back."""
+        self._with_train_restarts(f"GRPO cycle {cycle}", lambda: self._grpo_steps(cycle))
+
+    def _with_train_restarts(self, what: str, attempt: Callable[[], Any]) -> Any:
+        """``attempt()``, rerun when its train workers fail (``TrainWorkerError``), at most
+        ``train.max_failures`` times. Before a rerun the fault is recorded in the run state and the
+        pool is given back the weights of ``state.policy`` (the last checkpoint: steps after it, or
+        an OPSD round's validation weights, may have reached the engines). Past the limit the error
+        names the limit and the resume command."""
         from searche1_ray.training.runner import TrainWorkerError
 
         st, limit = self.state, self.cfg.train.max_failures
         failures = 0
         while True:
             try:
-                return self._grpo_steps(cycle)
+                return attempt()
             except TrainWorkerError as e:
                 failures += 1
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 if failures > limit:
                     raise TrainWorkerError(
-                        f"GRPO cycle {cycle}: the train workers failed {failures} time(s), more than "
-                        f"train.max_failures={limit}; the run can be resumed from step {st.step} "
+                        f"{what}: the train workers failed {failures} time(s), more than "
+                        f"train.max_failures={limit}; the run can be resumed from stage {st.stage} step {st.step} "
                         f"(python -m jobs.train --resume {st.run}). Last failure: {e}") from e
                 st.faults.append({"stage": st.stage, "restart_step": st.step, "error": first_line[:500],
                                   "time": time.time()})
                 self._save()
-                log.warning("GRPO cycle %d: train workers failed (%s); restart %d of %d from step %d (%s)",
-                            cycle, first_line, failures, limit, st.step, st.policy)
+                log.warning("%s: train workers failed (%s); restart %d of %d from step %d (%s)",
+                            what, first_line, failures, limit, st.step, st.policy)
                 self._live["restarts"] = failures
-                # steps after the checkpoint may have reached the engines: give them its weights back
                 self._load_policy_into_pool(st.policy, st.policy_version)
 
     def _grpo_steps(self, cycle: int) -> None:
@@ -451,6 +458,11 @@ class SelfEvolutionDriver:
             self.runner = None
 
     def _opsd_round(self, cycle: int) -> tuple[str, int]:
+        """One OPSD round; when its train workers fail the round reruns from its start (new pool
+        rollouts, pairs, LoRA steps) on the policy it started from, up to ``train.max_failures`` times."""
+        return self._with_train_restarts(f"OPSD cycle {cycle}", lambda: self._opsd_round_once(cycle))
+
+    def _opsd_round_once(self, cycle: int) -> tuple[str, int]:
         from searche1_ray.training.opsd_round import run_opsd_round
 
         cfg, st = self.cfg, self.state

@@ -152,7 +152,8 @@ class TrainConfig:
     # fails the run with a TimeoutError instead of hanging it (a hung collective); 0 = no limit
     command_timeout_s: float = 3600.0
     # a GRPO round whose train workers fail (an error on a rank, a rank that died) starts new ones
-    # from its last step checkpoint (steps after it rerun) up to this many times; 0 = fail at once
+    # from its last step checkpoint (steps after it rerun), an OPSD round reruns from its start,
+    # up to this many times per round; 0 = fail at once
     max_failures: int = 2
 
 
@@ -322,7 +323,7 @@ _CHECKS: list[tuple[str, Any, str]] = [
     ("train.max_seq_len", lambda v: v >= 16, ">= 16"),
     ("train.command_timeout_s", lambda v: v >= 0, ">= 0 (seconds; 0 = no limit)"),
     ("train.gpus_per_worker", lambda v: 0 < v <= 1, "in (0, 1] (GPUs per train rank)"),
-    ("train.max_failures", lambda v: v >= 0, ">= 0 (restarts of a GRPO round's train workers; 0 = none)"),
+    ("train.max_failures", lambda v: v >= 0, ">= 0 (restarts of a GRPO or OPSD round's train workers; 0 = none)"),
     ("warmstart.num_examples", lambda v: v >= 1, ">= 1"),
     ("warmstart.noisy_frac", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("warmstart.epochs", lambda v: v >= 1, ">= 1"),

@@ -41,7 +41,7 @@ class RunState:
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {split: metrics}
     history: list[dict[str, Any]] = field(default_factory=list)     # one row per step
     timings: dict[str, float] = field(default_factory=dict)         # stage -> seconds
-    # train-worker failures a GRPO round survived: {stage, step it restarted from, error, time}
+    # train-worker failures a GRPO or OPSD round survived: {stage, step it restarted from, error, time}
     faults: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
     started: float = field(default_factory=time.time)
