@@ -91,6 +91,16 @@ What each lever did (record here; EM points on the --eval questions):
     greedy searches 1.0. The collapse is not an lr or batch effect: multi-hop rollouts of this warm
     start are almost never right, so GRPO has no multi-hop signal, while single-hop groups reward
     answering after the first search (the warm start searched 1.85 times on single-hop questions).
+  - 2026-12-07 (session 13), the bench's own warm start (no warmstart.* overrides: 300 oracle
+    trajectories, lr 1e-4, batch 8; 38 steps in 31 min here, loss 0.87 -> 0.07): test EM 60.8
+    overall (bridge 71.4, comparison 61.9, single_hop 70.7, two_hop 36.7; searches 1.5-2.2) against
+    20.0 for the 48-example warm start above. Its rollouts carry signal: GRPO groups with a reward
+    spread 75 / 75 / 62 % (38-44 % before), multi-hop rollout reward 0.20 -> 0.27 -> 0.67 over the
+    three steps, searches stay 1.7-1.9: no collapse. But at the GRPO settings above (lr 3e-5, no KL,
+    8 questions per step, 3 steps of 270-321 s) the greedy policy got worse: test EM 60.8 -> 48.3
+    (14 up / 29 down, p = 0.032), single_hop 70.7 -> 46.3 with searches 1.49 -> 2.02, two_hop
+    36.7 -> 26.7, bridge 71.4 -> 75.0. Three sign-like Adam updates of 3e-5 knock a sharp SFT
+    optimum off; the lr that worked from the weak warm start is too large for a strong one.
 """
 
 from __future__ import annotations
