@@ -101,6 +101,11 @@ What each lever did (record here; EM points on the --eval questions):
     (14 up / 29 down, p = 0.032), single_hop 70.7 -> 46.3 with searches 1.49 -> 2.02, two_hop
     36.7 -> 26.7, bridge 71.4 -> 75.0. Three sign-like Adam updates of 3e-5 knock a sharp SFT
     optimum off; the lr that worked from the weak warm start is too large for a strong one.
+    Same, grpo.lr=1e-5 (now the bench's default; steps 272 / 288 / 289 s): rollout reward on
+    multi-hop 0.20 -> 0.47 -> 0.80, searches 1.5-1.9. Test EM 60.8 -> 62.5 overall (13 up / 11
+    down, p = 0.84), type average 60.2 -> 64.3: two_hop 36.7 -> 53.3, comparison 61.9 -> 76.2,
+    bridge 71.4 -> 71.4, but single_hop 70.7 -> 56.1 (searches 1.49 -> 1.80). Multi-hop learns,
+    single-hop pays: one draw, not a result. Stopped after G's evaluation (G+O, G+G not run).
 """
 
 from __future__ import annotations
@@ -137,6 +142,9 @@ ABLATION_OVERRIDES = [
     # drawn evenly from the 4 types (smoke.yaml's stratify_by), G = 5, T = 0.7, no KL, groups with
     # equal rewards left out (they carry no policy gradient)
     *GRPO_SETTINGS,
+    # ... but at lr 1e-5: from this (strong) warm start 3 steps at 3e-5 cut test EM 60.8 -> 48.3,
+    # at 1e-5 it went to 62.5 (session 13, draw 0; the docstring's lever list)
+    "grpo.lr=1e-5",
     "rollout.questions_per_batch=64",    # greedy evaluation: 64 sequences in flight, not 16
     # one sequence per micro-batch (the same gradient: micro-batches are token-weighted): at 2 the
     # G arm's train ranks reached 6.5 + 5.9 GB beside a 5.1 GB engine and Ray's memory monitor
