@@ -1,7 +1,7 @@
 """The Search-E1 ablation at testbed scale: does OPSD add on top of GRPO? Paired, over several draws.
 
-    python -m bench.ablation                    # 3 draws (about 2-2.5 h on 2 cores; resumable)
-    python -m bench.ablation --draws 1          # a quick look (under an hour once warm-started)
+    python -m bench.ablation                    # 3 draws (resumable; see the estimate below)
+    python -m bench.ablation --draws 1          # a quick look
     python -m bench.ablation --draws 1 --set opsd.lr=3e-4   # reruns G+O only: G, G+G are reused
 
 From one cached warm start (SFT on oracle trajectories, as bench/grpo_learning.py; cached under
@@ -30,6 +30,12 @@ Resumable per arm: an arm lives in runs/<name>/draw<d>/<arm>-<hash of the settin
 on>; one whose ``arm.json`` exists is read back, an unfinished one is rerun from its start (a
 crash costs one arm). A sweep of an OPSD lever (``--set opsd.lr=…``) therefore reruns only G+O
 and reuses the draws' G and G+G. Step counts are fixed, never cut by a wall-clock budget.
+
+Time, estimated from the per-step figures measured on 2026-12-07 (AVX2 EPYC, 2 cores, fp32; not a
+timed run of the defaults): the warm start ~31 min once (cached), greedy evaluation ~2.3-3.3 s per
+question (300 questions: 12-16 min per arm), a GRPO step of 8 questions ~4.8 min. Per draw: G ~38 min
++ eval, G+O ~20 min + eval, G+G 4 steps ~19 min + eval: ~2 h a draw, ~6-7 h for the defaults.
+The session-13 quick look (--draws 1 --eval 120 --dev 60 --grpo-steps 3) is ~1 h a draw once warm.
 
 Memory: on a 24 GiB machine run nothing else beside it. 2026-12-07 (AVX2 EPYC, fp32): with
 train.micro_batch_size=2 the G arm peaked at ~24 GB (train ranks 6.5 + 5.9 GB, vLLM worker 5.1 GB,
