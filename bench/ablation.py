@@ -575,12 +575,13 @@ def main(argv=None) -> int:
 
     from actors.retriever import default_index_dir, start_retriever
     from bench.grpo_learning import warm_policy
-    from jobs._cli import init_ray, shutdown_ray
+    from jobs._cli import init_ray, interrupt_on_sigterm, shutdown_ray
     from searche1_ray.model_store import resolve_model
 
     t_all = time.time()
     base = resolve_model(cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
     init_ray(cfg, None)
+    interrupt_on_sigterm()  # kill <pid> stops like Ctrl-C: arms/steps cleaned up, Ray shut down
     pool = None
     try:
         if args.warmstart_dir:

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from actors.retriever import default_index_dir, start_retriever
-    from jobs._cli import init_ray
+    from jobs._cli import init_ray, interrupt_on_sigterm
     from searche1_ray.data.prepare import prepare_data
     from searche1_ray.data.readers import read_qa
     from searche1_ray.data.sampling import step_questions
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     dev = read_qa(data.dev)[: args.eval]
     base = resolve_model(cfg.model.name, cfg.model.cache_dir, cfg.model.dtype)
     init_ray(cfg, None)
+    interrupt_on_sigterm()  # kill <pid> stops like Ctrl-C: arms/steps cleaned up, Ray shut down
     pool = runner = None
     history = []
     try:

@@ -117,6 +117,19 @@ def init_ray_unless_running(cfg: Config, address: str | None) -> bool:
     return True
 
 
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (``kill <pid>``, a scheduler's stop) unwind like Ctrl-C: a KeyboardInterrupt
+    in the main thread, so ``finally`` blocks stop the train run without waiting for its step
+    (TrainRunner.stop aborts while an interrupt unwinds), kill the engines and shut Ray down."""
+    import signal
+
+    def on_term(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def shutdown_ray(serve: bool = True) -> None:
     """Shut Serve down (when ``serve``), then Ray, even if Serve's shutdown fails."""
     import ray

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,11 @@ from searche1_ray.config import Config
 from searche1_ray.training.worker import READY, worker_loop
 
 log = logging.getLogger(__name__)
+
+
+def _interrupted() -> bool:
+    """Whether the caller runs inside the unwinding of Ctrl-C (KeyboardInterrupt) or an exit."""
+    return isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
 
 
 class TrainWorkerError(RuntimeError):
@@ -227,15 +233,21 @@ class TrainRunner:
         folder = folder.expanduser().resolve()
         return self._command("save", path=str(folder), metrics={"steps": self.steps_done})
 
-    def stop(self, timeout_s: float = 120.0) -> None:
+    def stop(self, timeout_s: float = 120.0, abort: bool | None = None) -> None:
         """End the workers' loops, wait for ``fit()`` to return and delete Ray Train's copies of
         the round's checkpoints (``storage``; the HF folders ``save_checkpoint`` wrote stay)
-        (idempotent)."""
+        (idempotent). ``abort`` (default: when called while a KeyboardInterrupt or SystemExit
+        unwinds, i.e. Ctrl-C or SIGTERM) does not wait for the current command to finish: the
+        channel is killed, the ranks fail at their next read and the run ends with the Ray session."""
         if self._stopped:
             return
         self._stopped = True
+        if abort is None:
+            abort = _interrupted()
         try:
-            if self._thread.is_alive():
+            if abort:
+                log.warning("train run %s aborted (not waiting for the current command)", self.storage.name)
+            elif self._thread.is_alive():
                 ray.get(self.channel.send.remote({"kind": "stop", "seq": -2}))
                 self._thread.join(timeout_s)
                 if self._thread.is_alive():
