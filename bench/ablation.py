@@ -134,6 +134,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.grpo_learning import GRPO_SETTINGS, WARMSTART_SETTINGS  # noqa: E402
 from searche1_ray.paired import em_by_type, paired_changes, pooled, question_types  # noqa: E402
+from searche1_ray.trajectory import answer_before_search  # noqa: E402
 
 log = logging.getLogger("searche1.bench.ablation")
 
@@ -222,6 +223,17 @@ def arm_key(cfg, args, name: str) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def pool_dir(out: Path, cfg, args, d: int) -> Path:
+    """``runs/<name>/draw<d>/pool-<key>``: G's OPSD pool (rollouts.parquet), G's dev evaluation
+    (dev_step0.parquet) and start.json, keyed by G's settings and what the pool depends on
+    (questions per round, K, the dev questions): every OPSD training setting shares it."""
+    import hashlib
+
+    o = cfg.to_dict()["opsd"]
+    blob = [arm_key(cfg, args, "G"), o["questions_per_round"], o["samples_per_question"], args.dev]
+    return out / f"draw{d}" / f"pool-{hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:8]}"
+
+
 def arm_dir(out: Path, cfg, args, d: int | None, name: str) -> Path:
     """``runs/<name>/warm-<key>`` or ``runs/<name>/draw<d>/<arm>-<key>``."""
     slug = {"warm start": "warm", "G": "G", "G+O": "GpO", "G+G": "GpG"}[name]
@@ -232,7 +244,8 @@ def arm_dir(out: Path, cfg, args, d: int | None, name: str) -> Path:
 def _read_rows(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(str(path), columns=["question_id", "em", "answer", "num_searches"]).to_pylist()
+    return pq.read_table(str(path), columns=["question_id", "question", "em", "answer", "num_searches",
+                                             "response"]).to_pylist()
 
 
 _CFG_CACHE: dict[tuple, Any] = {}
@@ -371,8 +384,28 @@ class Ablation:
         from searche1_ray.training.opsd_round import run_opsd_round
 
         self._serve(g_policy)
+        # the K samples per question of G's policy and its step-0 dev EM, shared by every G+O run of
+        # this draw with the same pool settings: a sweep of an OPSD training lever trains on the
+        # same pairs (a paired comparison) and skips ~11 min of rollouts and ~3 min of validation
+        shared = pool_dir(self.out, cfg, self.args, d)
+        rollouts = start = None
+        if (shared / "start.json").is_file():
+            rollouts = pq.read_table(str(shared / "rollouts.parquet")).to_pylist()
+            start = json.loads((shared / "start.json").read_text())
+            (arm_dir / "opsd" / "eval").mkdir(parents=True, exist_ok=True)
+            shutil.copy(shared / "dev_step0.parquet", arm_dir / "opsd" / "eval" / "step0000.parquet")
+            log.info("draw %d G+O: the OPSD pool of %s (%d rollouts, step-0 dev EM %.3f)", d, shared,
+                     len(rollouts), start["em"])
         policy, m = run_opsd_round(cfg, self.pool, g_policy, self.train, self.dev, arm_dir / "opsd",
-                                   version=self.version, progress=False)
+                                   version=self.version, progress=False, start_eval=start, rollouts=rollouts)
+        step0 = arm_dir / "opsd" / "eval" / "step0000.parquet"
+        first = next((e for e in m.get("opsd/evals", []) if e["step"] == 0), None)
+        if rollouts is None and first is not None and step0.is_file():
+            shared.mkdir(parents=True, exist_ok=True)
+            shutil.copy(arm_dir / "opsd" / "rollouts.parquet", shared / "rollouts.parquet")
+            shutil.copy(step0, shared / "dev_step0.parquet")
+            _atomic_json(shared / "start.json", {k: first[k] for k in ("em", "n", "num_searches")}
+                         | {"from": str(arm_dir)})  # written last: the folder is complete
         types = question_types(self.train)
         by_type: dict[str, dict[str, int]] = {}
         pairs_path = arm_dir / "opsd" / "pairs.parquet"
@@ -392,7 +425,8 @@ class Ablation:
                 "opsd_history": [{k: v for k, v in h.items() if isinstance(v, (int, float))}
                                  for h in m.get("opsd/history", [])],
                 "pairs_by_type": dict(sorted(by_type.items())),
-                "rollouts": int(cfg.opsd.questions_per_round * cfg.opsd.samples_per_question)}
+                "rollouts": int(cfg.opsd.questions_per_round * cfg.opsd.samples_per_question),
+                "pool_reused_from": (start or {}).get("from", "")}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -406,6 +440,10 @@ def searches_by_type(rows: list[dict], types: dict[str, str]) -> dict[str, float
     out = {k: statistics.mean(v) for k, v in by.items()}
     out["overall"] = statistics.mean(r["num_searches"] for r in rows) if rows else float("nan")
     return out
+
+
+def _guessed(row: dict) -> bool:
+    return answer_before_search(row.get("response") or "", row.get("answer"), row.get("question") or "")
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -461,6 +499,19 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
                 f"{statistics.mean(p[k] for p in per if k in p):.2f}" if any(k in p for p in per) else "–"
                 for k in kinds + ["overall"]) + " |")
 
+    # answers named in the first thought, before any search (trajectory.answer_before_search):
+    # what distilling a teacher that reads the reference taught the student (session 14)
+    lines += ["", "Answers named before the first search (greedy; mean over draws): share of the questions, "
+              "and how many of those were right:", "",
+              "| policy | named before searching | of them right |", "|---|---:|---:|"]
+    for r in ROWS:
+        runs = [warm_rows] if r == "warm start" else [rows_of[(d, r)] for d in draws if (d, r) in rows_of]
+        if runs:
+            flagged = [[x for x in rows if _guessed(x)] for rows in runs]
+            share = statistics.mean(100 * len(f) / max(1, len(rows)) for f, rows in zip(flagged, runs))
+            right = sum(sum(x["em"] for x in f) for f in flagged)
+            lines.append(f"| {r} | {share:.1f} % | {right:.0f} of {sum(len(f) for f in flagged)} |")
+
     comparisons = [("G", "warm start"), ("G+O", "G"), ("G+G", "G"), ("G+O", "G+G")]
     lines += ["", "Paired changes on the same questions, pooled over draws (exact two-sided sign test):", "",
               "| comparison | wrong→right | right→wrong | p | per type (up/down) |", "|---|---:|---:|---:|---|"]
@@ -508,9 +559,17 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
                      f"KL {o.get('opsd/kl_first', 0):.4f} → {o.get('opsd/kl_last', 0):.4f}, clip fraction "
                      f"{o.get('opsd/clip_frac', 0):.2e}; dev EM by step "
                      f"{[(e['step'], round(e['em'], 3)) for e in rec.get('opsd_evals', [])]}, kept step "
-                     f"{o.get('opsd/best_step')}; greedy test answers changed vs G: {changed}")
+                     f"{o.get('opsd/best_step')}; greedy test answers changed vs G: {changed}"
+                     + (f" (pool of {rec['pool_reused_from']})" if rec.get("pool_reused_from") else ""))
         lines.append("  pairs per type: " + ", ".join(f"{k} {v['pairs']}/{v['questions']}"
                                                         for k, v in rec.get("pairs_by_type", {}).items()))
+        steps = sorted((locate(d, "G+O") / "opsd" / "eval").glob("step*.parquet"))
+        if steps:
+            per_step = []
+            for f in steps:
+                rows = _read_rows(f)
+                per_step.append(f"step {int(f.stem[4:])}: {sum(map(_guessed, rows))}/{len(rows)}")
+            lines.append("  dev answers named before the first search, by validation step: " + ", ".join(per_step))
 
     def mean_gap(a: str, b: str) -> float:
         gaps = [100 * (x - y) for x, y in zip(table[a]["avg"], table[b]["avg"]) if x == x and y == y]

@@ -128,6 +128,32 @@ def search_queries(response: str) -> list[str]:
     return [m.strip() for m in _SEARCH_RE.findall(strip_information(response))]
 
 
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_WORDS_RE = re.compile(r"\w+")
+
+
+def answer_before_search(response: str, answer: str | None, question: str) -> bool:
+    """Whether the policy named its final answer in its thinking *before its first search*, when
+    the question itself does not contain it: a claim made before any evidence was retrieved (a
+    guess, or a hallucination when it is wrong). False when the response never searched or gave
+    no answer. Matching is on whole words, case-insensitive ("Paris" is not in "Parisian").
+
+    The diagnostic of the OPSD failure seen on this testbed: the teacher reads the reference, so
+    at the student's first thought it already predicts the answer, and distilling that teaches
+    the student to state an answer it cannot know yet (bench/ablation.py)."""
+    if not answer or not answer.strip():
+        return False
+    first = _SEARCH_RE.search(response or "")
+    if first is None:
+        return False
+    thought = " ".join(_THINK_RE.findall(response[: first.start()]))
+    words = [w.lower() for w in _WORDS_RE.findall(answer)]
+    if not words:
+        return False
+    pattern = re.compile(r"\b" + r"\W+".join(map(re.escape, words)) + r"\b", re.IGNORECASE)
+    return bool(pattern.search(thought)) and not pattern.search(question or "")
+
+
 _ACTION_RE = {"search": _SEARCH_RE, "answer": _ANSWER_RE}
 
 

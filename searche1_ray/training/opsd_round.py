@@ -113,7 +113,8 @@ class RoundStopped(Exception):
 def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequence[dict],
                    dev_questions: Sequence[dict], out_dir: str | Path, version: int,
                    progress: bool = True, start_eval: dict[str, Any] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> tuple[str, dict[str, Any]]:
+                   should_stop: Callable[[], bool] | None = None,
+                   rollouts: Sequence[dict] | None = None) -> tuple[str, dict[str, Any]]:
     """Run one OPSD round from ``policy`` (an HF folder the pool is serving); return
     ``(next_policy_folder, metrics)``. ``pool`` is a ``RolloutPool`` (``generate`` /
     ``update_weights``); Ray must be initialised. Writes under ``out_dir``: rollouts.parquet,
@@ -122,7 +123,11 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
     these same ``dev_questions`` when the caller has it already (the driver's post-GRPO
     evaluation): it stands for step 0 instead of evaluating again. ``should_stop`` is polled
     after the rollouts and between training steps; when it returns True the trainer is stopped
-    and ``RoundStopped`` is raised (the caller's state still points at ``policy``)."""
+    and ``RoundStopped`` is raised (the caller's state still points at ``policy``).
+    ``rollouts``: the K samples per question this same policy generated earlier for this round
+    (rows as ``pool.generate`` returns them, e.g. read back from a round's rollouts.parquet):
+    generation is skipped and the pairs are mined from them, so a sweep of the training settings
+    (bench/ablation.py) trains on one pool instead of a new random one per run."""
     from transformers import AutoTokenizer
 
     from searche1_ray.evaluation import evaluate_split
@@ -143,7 +148,15 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
     qs = [{"id": str(q["id"]), "question": q["question"], "golden_answers": list(q["golden_answers"])}
           for q in qs]
     t0 = time.time()
-    rows = pool.generate(qs, n=o.samples_per_question, temperature=cfg.rollout.temperature)
+    if rollouts is None:
+        rows = pool.generate(qs, n=o.samples_per_question, temperature=cfg.rollout.temperature)
+    else:
+        rows = [dict(r) for r in rollouts]
+        missing = {q["id"] for q in qs} - {str(r["question_id"]) for r in rows}
+        if missing:
+            raise ValueError(f"opsd: the given rollouts lack {len(missing)} of the round's {len(qs)} questions "
+                             f"(e.g. {sorted(missing)[:3]}): they come from another question sample")
+        log.info("opsd: reusing %d rollouts given by the caller (no generation)", len(rows))
     metrics["perf/opsd_rollout_s"] = time.time() - t0
     _write_rows(rows, out / "rollouts.parquet")
     metrics["rollout/reward_mean"] = sum(float(r["reward"]) for r in rows) / max(len(rows), 1)

@@ -53,3 +53,33 @@ def test_ablation_searches_by_type():
             {"question_id": "c", "num_searches": 0}, {"question_id": "d", "num_searches": 3}]
     types = {"a": "two_hop", "b": "single_hop", "c": "single_hop", "d": "two_hop"}
     assert searches_by_type(rows, types) == {"two_hop": 2.5, "single_hop": 0.5, "overall": 1.5}
+
+
+def test_ablation_opsd_pool_is_shared_by_opsd_training_levers_only(tmp_path):
+    """G+O runs that differ only in how OPSD trains reuse one pool of G's rollouts (paired lever
+    sweeps); anything that changes the pool — its size, K, the dev questions, G itself — does not."""
+    from bench.ablation import _draw_cfg, parse_args, pool_dir
+
+    def where(*argv, d=0):
+        args = parse_args(["--draws", "1", *argv])
+        return pool_dir(tmp_path, _draw_cfg(args, d), args, d)
+
+    base = where()
+    assert base.parent == tmp_path / "draw0" and base.name.startswith("pool-")
+    assert base == where("--set", "opsd.lr=3e-4", "--set", "opsd.steps=4", "--set", "opsd.action_weight=10",
+                         "--set", "opsd.teacher_reference=policy_text")
+    for other in (["--set", "opsd.questions_per_round=48"], ["--set", "opsd.samples_per_question=3"],
+                  ["--dev", "60"], ["--set", "grpo.lr=3e-5"], ["--grpo-steps", "2"]):
+        assert where(*other) != base, other
+    assert where(d=1).parent == tmp_path / "draw1" and where(d=1).name != base.name  # G differs by draw
+
+
+def test_ablation_report_counts_answers_named_before_searching():
+    from bench.ablation import _guessed
+
+    q = "Which singer recorded the album The Pilgrim of Raven?"
+    guess = {"question": q, "answer": "Tina Turner", "em": 0.0,
+             "response": "<think>Tina Turner sang it.</think><search> The Pilgrim of Raven </search>"}
+    found = {**guess, "response": "<think>Search it.</think><search> The Pilgrim of Raven </search>"
+                                  "<information>Tina Turner</information><answer> Tina Turner </answer>"}
+    assert _guessed(guess) and not _guessed(found)

@@ -99,3 +99,36 @@ def test_action_token_positions_are_the_query_and_answer_content():
     text = "".join(pieces)
     assert [text[a:b] for a, b in action_spans(text)] == [" Iron Gate ", " Tom "]
     assert action_token_positions(["no", " tags"]) == []
+
+
+# ---- answer_before_search: the OPSD failure diagnostic ---------------------------------------
+
+_Q = "Which singer recorded the album The Pilgrim of Raven?"
+_INFO = "\n\n<information>Doc 1(Title: Thyl Saidepiez) She recorded The Pilgrim of Raven.</information>\n\n"
+
+
+def test_answer_named_before_the_first_search_is_flagged():
+    r = ("<think>The Pilgrim of Raven was recorded by tina turner.</think>\n<search> The Pilgrim of Raven "
+         "</search>" + _INFO + "<think>So Tina Turner.</think>\n<answer> Tina Turner </answer>")
+    assert T.answer_before_search(r, "Tina Turner", _Q)
+
+
+def test_answer_found_after_retrieval_is_not_flagged():
+    r = ("<think>I need the singer.</think>\n<search> The Pilgrim of Raven </search>" + _INFO
+         + "<think>Thyl Saidepiez recorded it.</think>\n<answer> Thyl Saidepiez </answer>")
+    assert not T.answer_before_search(r, "Thyl Saidepiez", _Q)
+    # the answer only in a later thought, or only in the first query, is not a claim before searching
+    r2 = "<think>Search it.</think><search> Thyl Saidepiez albums </search>" + _INFO + "<answer> Thyl Saidepiez </answer>"
+    assert not T.answer_before_search(r2, "Thyl Saidepiez", _Q)
+
+
+def test_answers_from_the_question_no_search_and_partial_words_are_not_flagged():
+    comparison = "Which album was released earlier, The Endless Thread or River of the Frozen Storm?"
+    r = "<think>The Endless Thread or River of the Frozen Storm.</think><search> The Endless Thread </search>" + _INFO
+    assert not T.answer_before_search(r + "<answer> The Endless Thread </answer>", "The Endless Thread", comparison)
+    assert not T.answer_before_search("<think>Paris.</think><answer> Paris </answer>", "Paris", "Capital?")
+    assert not T.answer_before_search("<think>A Parisian city.</think><search> q </search>", "Paris", "Capital?")
+    assert not T.answer_before_search("<think>x</think><search> q </search>", None, "q")
+    assert not T.answer_before_search("<think>x</think><search> q </search>", " ?! ", "q")
+    # words split by other punctuation or spacing still match
+    assert T.answer_before_search("<think>It was Saim-Mythedok.</think><search> q </search>", "Saim Mythedok", "q")
