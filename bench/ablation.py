@@ -568,8 +568,11 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
             per_step = []
             for f in steps:
                 rows = _read_rows(f)
-                per_step.append(f"step {int(f.stem[4:])}: {sum(map(_guessed, rows))}/{len(rows)}")
-            lines.append("  dev answers named before the first search, by validation step: " + ", ".join(per_step))
+                n = max(1, len(rows))
+                per_step.append(f"step {int(f.stem[4:])}: EM {sum(r['em'] for r in rows) / n:.3f}, "
+                                f"{sum(r['num_searches'] for r in rows) / n:.2f} searches, "
+                                f"{sum(map(_guessed, rows))}/{len(rows)} named before searching")
+            lines.append("  dev questions by validation step: " + "; ".join(per_step))
 
     def mean_gap(a: str, b: str) -> float:
         gaps = [100 * (x - y) for x, y in zip(table[a]["avg"], table[b]["avg"]) if x == x and y == y]

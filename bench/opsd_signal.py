@@ -17,6 +17,9 @@ the reference in the teacher's context):
   kl                      Σ_v P_T log(P_T / P_S) per policy-written token of the student
                           trajectory (the loss before clipping; the mean over the pairs' tokens)
                           and the share of it on the answer span.
+  first thought           the student's policy tokens before its first query (nothing retrieved
+                          yet): the share of the KL there, and the largest probability teacher
+                          and student give the golden answer's first token at any of them.
 
 Per pair and per question type, then the means. Last lines:
 ``teacher_minus_student_gold_answer_lp=`` (mean over pairs of the per-token log-prob gain the
@@ -136,6 +139,18 @@ def pair_signal(pair: dict, model, tok, cfg) -> dict:
     out["kl_max"] = float(kl[pol].max()) if pol else None
     ans = [i for i in action_positions(tok, resp, "answer") if mask[i]]
     out["kl_answer_share"] = float(kl[ans].sum() / kl[pol].sum()) if ans and pol else None
+    # (4) the student's first thought (policy tokens before its first query): there the student has
+    # retrieved nothing, while the teacher has read the reference. Its share of the KL, and how
+    # much probability each puts on the golden answer's first token there (the leak: a teacher
+    # that wants to name the answer before any search teaches the student to guess it)
+    queries = action_positions(tok, resp, "query")
+    first = [i for i in pol if i < queries[0]] if queries else []
+    out["kl_first_thought_share"] = float(kl[first].sum() / kl[pol].sum()) if first and pol else None
+    if first and gold:
+        g0 = tok(f" {gold}", add_special_tokens=False)["input_ids"][0]
+        g1 = tok(gold, add_special_tokens=False)["input_ids"][0]
+        out["gold_first_thought_teacher"] = float(max(dt[first, g0].exp().max(), dt[first, g1].exp().max()))
+        out["gold_first_thought_student"] = float(max(ds[first, g0].exp().max(), ds[first, g1].exp().max()))
     return out
 
 
@@ -171,7 +186,8 @@ def main(argv=None) -> dict:
               f"gold lp T {r.get('gold_answer_teacher')} S {r.get('gold_answer_student')} "
               f"(student said {r.get('student_answer')!r}); KL {r['kl_mean']}", flush=True)
     keys = ["ref_query_teacher", "ref_query_student", "ref_answer_teacher", "ref_answer_student",
-            "gold_answer_teacher", "gold_answer_student", "kl_mean", "kl_answer_share"]
+            "gold_answer_teacher", "gold_answer_student", "kl_mean", "kl_answer_share",
+            "kl_first_thought_share", "gold_first_thought_teacher", "gold_first_thought_student"]
     groups = {"all": rows}
     for r in rows:
         groups.setdefault(r["type"] or "?", []).append(r)
