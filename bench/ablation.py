@@ -112,6 +112,18 @@ What each lever did (record here; EM points on the --eval questions):
     down, p = 0.84), type average 60.2 -> 64.3: two_hop 36.7 -> 53.3, comparison 61.9 -> 76.2,
     bridge 71.4 -> 71.4, but single_hop 70.7 -> 56.1 (searches 1.49 -> 1.80). Multi-hop learns,
     single-hop pays: one draw, not a result. Stopped after G's evaluation (G+O, G+G not run).
+  - 2026-12-07 (session 14), G+O on that G (lr 1e-5), --set opsd.questions_per_round=48
+    opsd.steps=16 opsd.lr=2e-4 opsd.eval_every=4, nothing else running: 240 pool rollouts in 648 s
+    (reward 0.500), 44 pairs of 48 questions (40 incorrect students, 4 correct fallbacks, 4
+    questions without a correct rollout), LoRA steps 55-79 s, KL 0.10-0.14 -> 0.06-0.14 (a new
+    batch each step; clip fraction ~5e-8). Dev EM by step 0/4/8/12/16: 0.617 / 0.483 / 0.283 /
+    0.350 / 0.533, searches 1.83 / 1.35 / 1.07 / 1.25 / 1.50, and dev answers *named before the
+    first search* 0 / 1 / 15 / 13 / 2 of 60 — every one of them wrong. Validation kept step 0, so
+    G+O = G (test EM 62.5 again). Where it fails: the teacher has read the reference, so at the
+    student's first thought (nothing retrieved yet) it already predicts the answer and prefers
+    fewer searches; distilling that teaches the 135M student to state an answer it cannot know
+    ("The Pilgrim of Raven was recorded by ... Tina Turner", then search, then answer its own
+    guess) and to stop searching. The round partly recovers by step 16 (2 guesses, EM 0.533).
 """
 
 from __future__ import annotations
