@@ -382,8 +382,17 @@ class Ablation:
             rec = self._grpo(cfg, g_policy, arm_dir_, steps, self.args.grpo_steps, d)
         train_s = time.time() - t0
         policy = rec.pop("policy", str(arm_dir_ / "policy"))
-        self._serve(policy)
-        r = self._eval(arm_dir_, f"draw {d} {name}")
+        g_done = Path(g_policy).parent / "arm.json"
+        if name == "G+O" and policy == g_policy and g_done.is_file() \
+                and json.loads(g_done.read_text()).get("n") == len(self.test):
+            # validation kept step 0: G+O is G's policy, whose greedy answers are scored already
+            shutil.copy(Path(g_policy).parent / "eval.parquet", arm_dir_ / "eval.parquet")
+            g = json.loads(g_done.read_text())
+            r = {"seconds": 0.0, **{k: g[k] for k in ("em", "num_searches", "answered", "n")}}
+            log.info("draw %d G+O: validation kept G's policy; its test evaluation is G's", d)
+        else:
+            self._serve(policy)
+            r = self._eval(arm_dir_, f"draw {d} {name}")
         rec.update({"arm": name, "draw": d, "policy": policy, "train_s": train_s, "eval_s": r["seconds"],
                     "em": r["em"], "num_searches": r["num_searches"], "answered": r["answered"], "n": r["n"],
                     "key": arm_key(cfg, self.args, name)})
