@@ -124,6 +124,13 @@ What each lever did (record here; EM points on the --eval questions):
     fewer searches; distilling that teaches the 135M student to state an answer it cannot know
     ("The Pilgrim of Raven was recorded by ... Tina Turner", then search, then answer its own
     guess) and to stop searching. The round partly recovers by step 16 (2 guesses, EM 0.533).
+    G+G (6 more GRPO steps at lr 1e-5 = the pool's 240 rollouts; 232-543 s a step, the slow ones
+    beside a bench.opsd_signal run): test EM 61.7 overall, type average 59.3 (G 64.3): single_hop
+    56.1 -> 78.0 (11 up / 2 down) but comparison 76.2 -> 47.6 (0 / 6) and two_hop 53.3 -> 40.0
+    (3 / 7); G+G vs G 15 up / 16 down. At 8 questions a step GRPO moves EM between the types
+    step to step (what it rewards depends on the 2 questions of each type drawn) and the sum
+    stays flat: grpo_gain +4.1, opsd_gain_over_grpo 0.0, opsd_vs_more_grpo +5.0 on one draw of
+    120 questions, none of them significant (sign tests p = 0.84, 1, 1). 92 min in all.
 """
 
 from __future__ import annotations
