@@ -131,6 +131,13 @@ What each lever did (record here; EM points on the --eval questions):
     step to step (what it rewards depends on the 2 questions of each type drawn) and the sum
     stays flat: grpo_gain +4.1, opsd_gain_over_grpo 0.0, opsd_vs_more_grpo +5.0 on one draw of
     120 questions, none of them significant (sign tests p = 0.84, 1, 1). 92 min in all.
+    Same, OPSD lever opsd.action_weight=1e6 (the loss is, in effect, the mean over the student's
+    query and answer tokens only: no thinking tokens, no search/answer decision tags), 8 steps,
+    validation every 4, on the same pool (reused: 44 pairs, identical): KL 0.017 -> 0.002, dev EM
+    0.617 -> 0.650 -> 0.650 with 1.83 searches and 0 answers named before searching at every step
+    (the leak is gone), kept step 4. But on the test questions G+O vs G: 0 up / 5 down (p = 0.063),
+    58.3 overall (comparison 76.2 -> 61.9); 10 greedy answers changed. 2 dev questions of 60 is
+    within validation noise: the step it picked did not generalise. 24 min (pool reused).
 """
 
 from __future__ import annotations
