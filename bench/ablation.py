@@ -397,11 +397,10 @@ class Ablation:
         train_s = time.time() - t0
         policy = rec.pop("policy", str(arm_dir_ / "policy"))
         g_done = Path(g_policy).parent / "arm.json"
-        if name == "G+O" and policy == g_policy and g_done.is_file() \
-                and json.loads(g_done.read_text()).get("n") == len(self.test):
+        g = json.loads(g_done.read_text()) if name == "G+O" and policy == g_policy and g_done.is_file() else {}
+        if g.get("n") == len(self.test):
             # validation kept step 0: G+O is G's policy, whose greedy answers are scored already
             shutil.copy(Path(g_policy).parent / "eval.parquet", arm_dir_ / "eval.parquet")
-            g = json.loads(g_done.read_text())
             r = {"seconds": 0.0, **{k: g[k] for k in ("em", "num_searches", "answered", "n")}}
             log.info("draw %d G+O: validation kept G's policy; its test evaluation is G's", d)
         else:
@@ -526,8 +525,11 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
     # reach a two-hop answer (GRPO's collapse on this testbed, session 12)
     lines += ["", "Searches per question (greedy, mean over draws) per question type:", "",
               "| policy | " + " | ".join(kinds) + " | overall |", "|---|" + "---:|" * (len(kinds) + 1)]
+    def runs_of(r: str) -> list[list[dict]]:  # a policy's evaluation rows, one list per draw
+        return [warm_rows] if r == "warm start" else [rows_of[(d, r)] for d in draws if (d, r) in rows_of]
+
     for r in ROWS:
-        runs = [warm_rows] if r == "warm start" else [rows_of[(d, r)] for d in draws if (d, r) in rows_of]
+        runs = runs_of(r)
         if runs:
             per = [searches_by_type(x, types) for x in runs]
             lines.append(f"| {r} | " + " | ".join(
@@ -540,7 +542,7 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
               "and how many of those were right:", "",
               "| policy | named before searching | of them right |", "|---|---:|---:|"]
     for r in ROWS:
-        runs = [warm_rows] if r == "warm start" else [rows_of[(d, r)] for d in draws if (d, r) in rows_of]
+        runs = runs_of(r)
         if runs:
             flagged = [[x for x in rows if _guessed(x)] for rows in runs]
             share = statistics.mean(100 * len(f) / max(1, len(rows)) for f, rows in zip(flagged, runs))

@@ -141,15 +141,12 @@ def answer_before_search(response: str, answer: str | None, question: str) -> bo
     The diagnostic of the OPSD failure seen on this testbed: the teacher reads the reference, so
     at the student's first thought it already predicts the answer, and distilling that teaches
     the student to state an answer it cannot know yet (bench/ablation.py)."""
-    if not answer or not answer.strip():
-        return False
-    first = _SEARCH_RE.search(response or "")
-    if first is None:
+    response = response or ""
+    first = _SEARCH_RE.search(response)
+    words = _WORDS_RE.findall(answer or "")
+    if first is None or not words:
         return False
     thought = " ".join(_THINK_RE.findall(response[: first.start()]))
-    words = [w.lower() for w in _WORDS_RE.findall(answer)]
-    if not words:
-        return False
     pattern = re.compile(r"\b" + r"\W+".join(map(re.escape, words)) + r"\b", re.IGNORECASE)
     return bool(pattern.search(thought)) and not pattern.search(question or "")
 
