@@ -3,6 +3,8 @@
     python -m bench.ablation                    # 3 draws (resumable; see the estimate below)
     python -m bench.ablation --draws 1          # a quick look
     python -m bench.ablation --draws 1 --set opsd.lr=3e-4   # reruns G+O only: G, G+G are reused
+    python -m bench.ablation --draws 1 --first-draw 1 --include bench/results/ablation \
+        --archive bench/results/ablation                      # add draw 1 to the archived draw 0
 
 From one cached warm start (SFT on oracle trajectories, as bench/grpo_learning.py; cached under
 ~/.cache/searche1_ray/warmstart/<hash of its settings>), per draw d (a sample seed: which training
@@ -30,6 +32,15 @@ Resumable per arm: an arm lives in runs/<name>/draw<d>/<arm>-<hash of the settin
 on>; one whose ``arm.json`` exists is read back, an unfinished one is rerun from its start (a
 crash costs one arm). A sweep of an OPSD lever (``--set opsd.lr=…``) therefore reruns only G+O
 and reuses the draws' G and G+G. Step counts are fixed, never cut by a wall-clock budget.
+
+Draws across sessions: a draw needs its warm start and G's checkpoint, so it is run whole in one
+go, but its report needs only the answers. ``--archive DIR`` copies what the report reads
+(arm.json, the test and validation parquets: ~1 MB a draw) and ``--include DIR`` reads such an
+archive back, so draws run in different sessions (or on different machines) pool into one report.
+Each draw carries its own warm start's evaluation (draw<d>/warm-<key>) and every comparison is
+paired within a draw, so a draw whose warm start was trained on another machine (bf16 here, fp32
+there) is still a fair draw; the table's "mean ± sd over draws" then also spans that. The
+project's own draws are archived in bench/results/ablation/ (what the closing notes quote).
 
 Time, estimated from the per-step figures measured on 2026-12-07 (AVX2 EPYC, 2 cores, fp32; not a
 timed run of the defaults): the warm start ~31 min once (cached), greedy evaluation ~2.3-3.3 s per
@@ -201,7 +212,17 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (after the bench's own settings)")
     p.add_argument("--name", help="run name (default 'ablation'): results in runs/<name>/")
-    p.add_argument("--draws", type=int, default=3, help="sample seeds 0..draws-1 (default 3)")
+    p.add_argument("--draws", type=int, default=3, help="how many draws (default 3)")
+    p.add_argument("--first-draw", type=int, default=0,
+                   help="the first draw's sample seed (default 0): draws first..first+draws-1, so a "
+                        "later session can add draw 1 to an archived draw 0")
+    p.add_argument("--archive", metavar="DIR",
+                   help="after the run, copy what the report reads (arm.json, eval and validation "
+                        "parquets; ~1 MB a draw, no checkpoints) to DIR/draw<d>/...")
+    p.add_argument("--include", metavar="DIR", action="append", default=[],
+                   help="also read finished arms from DIR (an --archive of another run, another "
+                        "machine's or session's); the report pools the draws --first-draw/--draws "
+                        "name wherever they are found; repeatable")
     p.add_argument("--grpo-steps", type=int, default=8, help="GRPO steps of arm G (default 8)")
     p.add_argument("--eval", type=int, default=300, help="held-out test questions scored (default 300)")
     p.add_argument("--dev", type=int, default=100, help="dev questions for OPSD's validation (default 100)")
@@ -211,6 +232,11 @@ def parse_args(argv=None):
     for name in ("draws", "grpo_steps", "eval", "dev"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.first_draw < 0:
+        p.error(f"--first-draw must be >= 0, got {args.first_draw}")
+    for d in args.include:
+        if not Path(d).expanduser().is_dir():
+            p.error(f"--include {d}: no such folder")
     return args
 
 
@@ -302,6 +328,7 @@ class Ablation:
         self.train, self.dev, self.test = train, dev, test
         self.pool, self.warm = pool, warm
         self.version = 0
+        self._warm_done: Path | None = None   # a folder holding this run's warm-start evaluation
 
     def _serve(self, policy: str) -> None:
         self.version += 1
@@ -345,18 +372,30 @@ class Ablation:
             runner.stop()
         return {"grpo_history": history, "rollouts": sum(int(h["rollout/trajectories"]) for h in history)}
 
-    def warm_arm(self) -> dict:
-        """The warm start's test evaluation (shared by every draw)."""
-        where = arm_dir(self.out, self.cfg, self.args, None, "warm start")
+    def warm_arm(self, d: int) -> dict:
+        """The warm start's test evaluation, recorded in every draw's folder (a draw archived on
+        another machine or in another session carries its own warm start's answers, and each
+        draw's comparisons are paired within it); evaluated once per run, copied to later draws."""
+        where = arm_dir(self.out, self.cfg, self.args, d, "warm start")
         done = where / "arm.json"
         if done.is_file() and json.loads(done.read_text()).get("n") == len(self.test):
+            self._warm_done = where
             return json.loads(done.read_text())
+        legacy = arm_dir(self.out, self.cfg, self.args, None, "warm start")  # one folder for all draws (before session 15)
+        if self._warm_done is None and (legacy / "arm.json").is_file() \
+                and json.loads((legacy / "arm.json").read_text()).get("n") == len(self.test):
+            self._warm_done = legacy
         where.mkdir(parents=True, exist_ok=True)
-        self.version = 1
-        self._serve(self.warm)
-        r = self._eval(where, "warm start")
-        rec = {"arm": "warm start", "policy": self.warm, "eval_s": r["seconds"], "em": r["em"], "n": r["n"]}
-        _atomic_json(done, rec)
+        if self._warm_done is not None:  # the same warm policy, scored already in this run folder
+            shutil.copy(self._warm_done / "eval.parquet", where / "eval.parquet")
+            rec = json.loads((self._warm_done / "arm.json").read_text())
+        else:
+            self.version = 1
+            self._serve(self.warm)
+            r = self._eval(where, "warm start")
+            rec = {"arm": "warm start", "policy": self.warm, "eval_s": r["seconds"], "em": r["em"], "n": r["n"]}
+        _atomic_json(done, {**rec, "draw": d})
+        self._warm_done = where
         return rec
 
     def arm(self, d: int, name: str) -> dict:
@@ -491,12 +530,14 @@ def _mean_sd(xs: list[float]) -> str:
 
 def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple[list[str], dict[str, float]]:
     """Markdown lines of the ablation report and the three headline figures (EM points).
-    ``locate(d, arm)`` is the folder of an arm (d None for the warm start)."""
+    ``locate(d, arm)`` is the folder of draw ``d``'s arm (its warm start: arm "warm start")."""
     types = question_types(test)
-    warm_rows = _read_rows(locate(None, "warm start") / "eval.parquet")
+    warm_of: dict[int, list[dict]] = {}   # each draw's warm-start answers
     rows_of: dict[tuple[int, str], list[dict]] = {}
     recs: dict[tuple[int, str], dict] = {}
     for d in draws:
+        if (locate(d, "warm start") / "arm.json").is_file():
+            warm_of[d] = _read_rows(locate(d, "warm start") / "eval.parquet")
         for a in ARMS:
             where = locate(d, a)
             if (where / "arm.json").is_file():
@@ -505,8 +546,8 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
     kinds = sorted({t for t in types.values()})
     cols = kinds + ["avg"]
     table: dict[str, dict[str, list[float]]] = {r: {c: [] for c in cols + ["overall"]} for r in ROWS}
-    warm_em = em_by_type(warm_rows, types)
     for d in draws:
+        warm_em = em_by_type(warm_of[d], types) if d in warm_of else {}
         for c in cols + ["overall"]:
             table["warm start"][c].append(warm_em.get(c, float("nan")))
         for a in ARMS:
@@ -514,7 +555,7 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
                 em = em_by_type(rows_of[(d, a)], types)
                 for c in cols + ["overall"]:
                     table[a][c].append(em.get(c, float("nan")))
-    n_test = len(warm_rows)
+    n_test = len(next(iter(warm_of.values()), test))
     lines = [f"# Search-E1 ablation on the CPU testbed ({len(draws)} draw(s), {n_test} held-out test questions)", "",
              "Greedy EM (%) per question type; avg = the unweighted mean over the types; mean ± sd over draws.", "",
              "| policy | " + " | ".join(cols) + " | overall |", "|---|" + "---:|" * (len(cols) + 1)]
@@ -526,7 +567,9 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
     lines += ["", "Searches per question (greedy, mean over draws) per question type:", "",
               "| policy | " + " | ".join(kinds) + " | overall |", "|---|" + "---:|" * (len(kinds) + 1)]
     def runs_of(r: str) -> list[list[dict]]:  # a policy's evaluation rows, one list per draw
-        return [warm_rows] if r == "warm start" else [rows_of[(d, r)] for d in draws if (d, r) in rows_of]
+        if r == "warm start":
+            return [warm_of[d] for d in draws if d in warm_of]
+        return [rows_of[(d, r)] for d in draws if (d, r) in rows_of]
 
     for r in ROWS:
         runs = runs_of(r)
@@ -555,7 +598,7 @@ def build_report(locate, test: list[dict], draws: list[int], out: Path) -> tuple
     for after, before in comparisons:
         per_draw = []
         for d in draws:
-            b = warm_rows if before == "warm start" else rows_of.get((d, before))
+            b = warm_of.get(d) if before == "warm start" else rows_of.get((d, before))
             a = rows_of.get((d, after))
             if a is not None and b is not None:
                 per_draw.append(paired_changes(b, a, types))
@@ -649,6 +692,26 @@ def _plot(path: Path, table: dict, cols: list[str]) -> None:
 # -------------------------------------------------------------------------------------- main
 
 
+def make_locate(args, cfg, out: Path):
+    """``locate(d, arm)``: draw ``d``'s arm folder — the first of ``out`` and the ``--include``
+    folders that holds it finished, else ``out``'s (where this run writes it). ``d`` None: the
+    warm start's one folder of runs made before per-draw warm-start folders (session 15)."""
+    roots = [out] + [Path(x).expanduser().resolve() for x in args.include]
+
+    def locate(d: int | None, name: str) -> Path:
+        rel = arm_dir(Path(), cfg if d is None else _draw_cfg(args, d), args, d, name)
+        for root in roots:
+            if (root / rel / "arm.json").is_file():
+                return root / rel
+        if name == "warm start" and d is not None:
+            legacy = locate(None, name)
+            if (legacy / "arm.json").is_file():
+                return legacy
+        return out / rel
+
+    return locate
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
@@ -664,13 +727,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"bench.ablation: --eval {args.eval} but the test split has {len(test)} questions "
                          f"(raise data.world.num_questions)")
     test = test[: args.eval]
-    draws = list(range(args.draws))
-
-    def locate(d: int | None, name: str) -> Path:
-        return arm_dir(out, cfg if d is None else _draw_cfg(args, d), args, d, name)
+    draws = list(range(args.first_draw, args.first_draw + args.draws))
+    locate = make_locate(args, cfg, out)
 
     if args.report_only:
-        return _finish(out, test, draws, locate)
+        return _finish(out, test, draws, locate, args.archive)
 
     from actors.retriever import default_index_dir, start_retriever
     from bench.grpo_learning import warm_policy
@@ -692,8 +753,8 @@ def main(argv=None) -> int:
         retriever, _ = start_retriever(cfg, str(data.corpus), str(default_index_dir(cfg, data.dir)))
         pool = RolloutPool(cfg, warm, retriever)
         ab = Ablation(args, cfg, out, train, dev, test, pool, warm)
-        ab.warm_arm()
         for d in draws:
+            ab.warm_arm(d)
             for a in ARMS:
                 ab.arm(d, a)
     finally:
@@ -701,10 +762,38 @@ def main(argv=None) -> int:
             pool.shutdown()
         shutdown_ray()
     log.info("ablation finished in %.1f min (warm start %.0f s, 0 = cached)", (time.time() - t_all) / 60, ws_s)
-    return _finish(out, test, draws, locate)
+    return _finish(out, test, draws, locate, args.archive)
 
 
-def _finish(out: Path, test: list[dict], draws: list[int], locate) -> int:
+def archive(locate, draws: list[int], dest: Path) -> int:
+    """Copy what ``build_report`` reads of every finished arm — ``arm.json``, ``eval.parquet``
+    and the OPSD validation parquets — to ``dest/draw<d>/<arm folder>/``; returns the number of
+    arms copied. Checkpoints stay behind (a report needs none)."""
+    n = 0
+    for d in draws:
+        for name in ("warm start", *ARMS):
+            src = locate(d, name)
+            if not (src / "arm.json").is_file():
+                continue
+            to = dest / f"draw{d}" / src.name
+            if to.resolve() == src.resolve():
+                continue
+            files = [src / "arm.json", src / "eval.parquet", *sorted((src / "opsd" / "eval").glob("step*.parquet"))]
+            for f in files:
+                target = to / f.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, target)
+            if name == "warm start":  # a legacy shared folder: record which draw this copy is
+                rec = json.loads((to / "arm.json").read_text())
+                _atomic_json(to / "arm.json", {**rec, "draw": d})
+            n += 1
+    return n
+
+
+def _finish(out: Path, test: list[dict], draws: list[int], locate, archive_to: str | None = None) -> int:
+    if archive_to:
+        dest = Path(archive_to).expanduser().resolve()
+        log.info("archived %d finished arms to %s", archive(locate, draws, dest), dest)
     lines, figures = build_report(locate, test, draws, out)
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

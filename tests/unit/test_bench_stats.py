@@ -83,3 +83,106 @@ def test_ablation_report_counts_answers_named_before_searching():
     found = {**guess, "response": "<think>Search it.</think><search> The Pilgrim of Raven </search>"
                                   "<information>Tina Turner</information><answer> Tina Turner </answer>"}
     assert _guessed(guess) and not _guessed(found)
+
+
+def _write_eval(folder, em_by_qid):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question_id": q, "question": f"q {q}?", "em": float(e), "answer": "x" if e else "y",
+             "num_searches": 2, "response": "<search> q </search><answer> x </answer>"}
+            for q, e in em_by_qid.items()]
+    pq.write_table(pa.Table.from_pylist(rows), str(folder / "eval.parquet"))
+
+
+def _write_arm(folder, name, em_by_qid, draw):
+    import json
+
+    folder.mkdir(parents=True)
+    _write_eval(folder, em_by_qid)
+    rec = {"arm": name, "draw": draw, "em": sum(em_by_qid.values()) / len(em_by_qid), "n": len(em_by_qid),
+           "num_searches": 2.0, "train_s": 1.0, "eval_s": 1.0, "rollouts": 40}
+    (folder / "arm.json").write_text(json.dumps(rec))
+
+
+def test_ablation_pools_draws_from_archives_of_other_runs(tmp_path):
+    """Draw 0 finished here, draw 1 in an archive of another session's run (with its own warm
+    start): the report pools both draws' paired changes, each against its own warm start, and an
+    --archive of the pooled run reads back to the same report."""
+    from bench.ablation import _draw_cfg, archive, arm_dir, build_report, make_locate, parse_args
+
+    test = [{"id": f"q{i}", "metadata": {"type": "single_hop" if i % 2 else "two_hop"}} for i in range(8)]
+    out, other = tmp_path / "run", tmp_path / "other"
+    # draw 0 (here): warm right on q0-q3, G right on q0-q5 -> 2 up, 0 down
+    # draw 1 (archive): warm right on q0-q5, G right on q2-q6 -> 1 up (q6), 2 down (q0, q1)
+    ems = {0: ({f"q{i}": i < 4 for i in range(8)}, {f"q{i}": i < 6 for i in range(8)}),
+           1: ({f"q{i}": i < 6 for i in range(8)}, {f"q{i}": 2 <= i < 7 for i in range(8)})}
+    args = parse_args(["--draws", "2", "--include", str(tmp_path)])  # a folder with no arms: ignored
+    args.include.append(str(other))
+    for d, root in ((0, out), (1, other)):
+        warm, g = ems[d]
+        _write_arm(arm_dir(root, _draw_cfg(args, d), args, d, "warm start"), "warm start", warm, d)
+        _write_arm(arm_dir(root, _draw_cfg(args, d), args, d, "G"), "G", g, d)
+    out.mkdir(exist_ok=True)
+    locate = make_locate(args, _draw_cfg(args), out)
+    assert locate(1, "G").parent == other / "draw1" and locate(0, "G").parent == out / "draw0"
+    lines, figures = build_report(locate, test, [0, 1], out)
+    row = next(line for line in lines if line.startswith("| G vs warm start |"))
+    assert row.startswith("| G vs warm start | 3 | 2 | 1 |"), row
+    # grpo_gain = the mean over draws of the type-averaged EM gap, each draw against its own warm start
+    def avg(em):
+        single = [v for q, v in em.items() if int(q[1:]) % 2]
+        two = [v for q, v in em.items() if not int(q[1:]) % 2]
+        return (sum(single) / len(single) + sum(two) / len(two)) / 2
+    expected = sum(100 * (avg(ems[d][1]) - avg(ems[d][0])) for d in (0, 1)) / 2
+    assert figures["grpo_gain"] == pytest.approx(expected)
+    assert "| warm start | " in "\n".join(lines)
+
+    dest = tmp_path / "archive"
+    assert archive(locate, [0, 1], dest) == 4
+    assert sorted(p.relative_to(dest).parts[0] for p in dest.glob("draw*/*/arm.json")) == ["draw0", "draw0",
+                                                                                          "draw1", "draw1"]
+    only = parse_args(["--draws", "2", "--include", str(dest)])
+    again, figures2 = build_report(make_locate(only, _draw_cfg(only), tmp_path / "empty"), test, [0, 1], out)
+    assert figures2["grpo_gain"] == figures["grpo_gain"] and [x for x in again if "|" in x] == [x for x in lines if "|" in x]
+
+
+def test_ablation_arguments_name_the_bad_value(capsys, tmp_path):
+    from bench.ablation import parse_args
+
+    for argv, what in ((["--first-draw", "-1"], "--first-draw must be >= 0"),
+                       (["--include", str(tmp_path / "nope")], "--include")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert what in capsys.readouterr().err
+
+
+def test_ablation_scores_the_warm_start_once_and_records_it_in_every_draw(tmp_path, monkeypatch):
+    import json
+
+    from bench.ablation import Ablation, _draw_cfg, arm_dir, parse_args
+
+    args = parse_args(["--draws", "2", "--eval", "2"])
+    cfg = _draw_cfg(args)
+    test = [{"id": "q0"}, {"id": "q1"}]
+    calls = []
+
+    def fake_eval(self, where, label):
+        calls.append(where)
+        _write_eval(where, {"q0": 1, "q1": 0})
+        return {"seconds": 3.0, "em": 0.5, "n": 2}
+
+    monkeypatch.setattr(Ablation, "_eval", fake_eval)
+    monkeypatch.setattr(Ablation, "_serve", lambda self, policy: None)
+    ab = Ablation(args, cfg, tmp_path / "run", [], [], test, pool=None, warm="/warm")
+    for d in (0, 1):
+        assert ab.warm_arm(d)["em"] == 0.5
+    assert len(calls) == 1
+    for d in (0, 1):
+        where = arm_dir(tmp_path / "run", cfg, args, d, "warm start")
+        assert json.loads((where / "arm.json").read_text())["draw"] == d and (where / "eval.parquet").is_file()
+    # a run folder from before per-draw folders: its one warm-start evaluation is reused
+    legacy = arm_dir(tmp_path / "old", cfg, args, None, "warm start")
+    _write_arm(legacy, "warm start", {"q0": 1, "q1": 1}, None)
+    ab = Ablation(args, cfg, tmp_path / "old", [], [], test, pool=None, warm="/warm")
+    assert ab.warm_arm(0)["em"] == 1.0 and len(calls) == 1
