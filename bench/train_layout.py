@@ -19,8 +19,8 @@ parameters) + 12·L·d·s (attention scores and values, forward + backward, at t
 sequence length s; causal masking not discounted), as in the PaLM paper's appendix B.
 
 Measured 2026-12-08 (an AVX512-BF16 EPYC, 2 cores; bf16; --batch 8 --steps 3, 5,495 sequence
-tokens a batch, mean length 687; a matmul benchmark ran beside the first layout for ~10 s):
-matmul peak 407 GFLOP/s bf16 (fp32 ~135 measured alone the same hour).
+tokens a batch, mean length 687): matmul peak 407 GFLOP/s bf16. A separate 2048^3 check run
+beside the first layout for ~10 s read bf16 330 and fp32 135 GFLOP/s: bf16 is ~2.4x fp32 here.
 
     2x1:1  step 27.8 s (38.7 31.8 23.7)  189 sequence tok/s  MFU 44.2 %   (the bench.ablation layout)
     1x2:1  step 35.6 s (40.9 38.8 32.3)  146 sequence tok/s  MFU 34.1 %

@@ -375,3 +375,51 @@ def test_elastic_pool_add_mid_round_and_survive_a_killed_worker(pool, world, sea
     assert {h["version"] for h in pool.health()} == {SEARCHER_VERSION}
     pool.scale(1)
     assert pool.num_workers == 1
+
+
+@pytest.mark.faults("retriever replica killed mid-round")
+def test_a_killed_retriever_replica_is_replaced_and_the_round_completes(pool, world, searcher, record_property):
+    """The Serve replica dies after it has served searches of a round: the searches of the
+    batches it was serving fail, those batches are retried, Serve starts a new replica, and the
+    round ends with every trajectory exactly once and searches answered after the kill."""
+    import ray
+    from ray import serve
+    from ray.util.state import get_actor
+
+    pool.update_weights(searcher[0], SEARCHER_VERSION)
+    app = serve.get_app_handle("rollout-test")
+    before = app.stats.remote().result(timeout_s=60)
+    qs = [dict(q, id=f"k{i}") for i, q in enumerate(_questions(world, 8))]
+    out: dict = {}
+
+    def run():
+        try:  # one question per batch: the batches after the kill need the new replica
+            out["rows"] = pool.generate(qs, n=2, temperature=1.0, seed=5, questions_per_batch=1,
+                                        max_response_tokens=128)
+        except BaseException as e:  # surfaced below
+            out["error"] = e
+
+    th = threading.Thread(target=run)
+    started = time.time()
+    th.start()
+    deadline = started + 600
+    while app.stats.remote().result(timeout_s=60)["batches"] == before["batches"]:
+        assert th.is_alive(), f"the round ended before its first search: {out}"
+        assert time.time() < deadline, "the round never searched"
+        time.sleep(0.05)
+    replica = get_actor(before["replica"])
+    ray.kill(ray.get_actor(replica.name, namespace=replica.ray_namespace), no_restart=True)
+    killed_after = time.time() - started
+    th.join(timeout=900)
+    assert not th.is_alive()
+    assert "error" not in out, out.get("error")
+    rows = out["rows"]
+    keys = [(r["question_id"], r["sample_idx"]) for r in rows]
+    record_property("trajectories_lost", len({(q["id"], s) for q in qs for s in range(2)} - set(keys)))
+    record_property("duplicated", len(keys) - len(set(keys)))
+    assert keys == [(q["id"], s) for q in qs for s in range(2)]
+    after = app.stats.remote().result(timeout_s=60)
+    assert after["replica"] != before["replica"] and after["batches"] >= 1, (before, after)
+    st = pool.last_stats
+    print(f"\nreplica {replica.name} killed {killed_after:.0f} s into the round; round stats: {st}")
+    assert sum(r["num_searches"] for r in rows) >= 4
