@@ -45,6 +45,7 @@ log = logging.getLogger("searche1.rollout")
 
 _MAX_TASK_RETRIES = 2           # a batch whose task *raised* (not a dead worker) is retried
 _MAX_REPLACEMENTS = 8           # dead workers replaced per pool before giving up
+_REPLICA_RETRIES = 3            # a search re-sent after its retriever replica died mid-call
 SCHEDULE_SETTINGS = ("loop", "max_inflight")   # per-call overrides beside LoopSettings' fields
 
 
@@ -75,17 +76,27 @@ def _retrieve_fn(retriever: Any, timeout_s: float | None = None):
     method = getattr(retriever, "retrieve", None)
     if method is not None and hasattr(method, "remote"):
         def remote(queries, topk):
-            resp = method.remote(list(queries), int(topk))
-            try:
-                if hasattr(resp, "result"):          # a Serve DeploymentResponse
-                    return resp.result(timeout_s=timeout_s)
-                return ray.get(resp, timeout=timeout_s)
-            except (TimeoutError, GetTimeoutError) as e:
-                if hasattr(resp, "cancel"):
-                    resp.cancel()
-                raise TimeoutError(f"rollout: the retriever did not answer a search of "
-                                   f"{len(queries)} queries within {timeout_s:g}s "
-                                   f"(retriever.call_timeout_s)") from e
+            for attempt in range(_REPLICA_RETRIES + 1):
+                resp = method.remote(list(queries), int(topk))
+                try:
+                    if hasattr(resp, "result"):          # a Serve DeploymentResponse
+                        return resp.result(timeout_s=timeout_s)
+                    return ray.get(resp, timeout=timeout_s)
+                except (TimeoutError, GetTimeoutError) as e:
+                    if hasattr(resp, "cancel"):
+                        resp.cancel()
+                    raise TimeoutError(f"rollout: the retriever did not answer a search of "
+                                       f"{len(queries)} queries within {timeout_s:g}s "
+                                       f"(retriever.call_timeout_s)") from e
+                except (RayActorError, ActorUnavailableError) as e:
+                    # the replica died (or is restarting) with the call in flight: Serve starts
+                    # a new one, and a re-sent call waits for it; a search is idempotent
+                    if attempt == _REPLICA_RETRIES:
+                        raise RuntimeError(f"rollout: the retriever's replica died {attempt + 1} times "
+                                           f"during one search: {type(e).__name__}") from e
+                    log.warning("retriever replica lost during a search (%s); sending it again",
+                                type(e).__name__)
+                    time.sleep(min(5.0, 0.5 * 2 ** attempt))
         return remote
     if callable(retriever):
         return retriever
@@ -490,21 +501,29 @@ class RolloutPool:
                         continue
                     w, b = inflight.pop(ref)
                     w.busy = None
+                    err: BaseException | None = None
                     try:
                         out = ray.get(ref)
                     except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
-                        queue.appendleft(b)
-                        resubmitted += 1
-                        self._replace(w, type(e).__name__)
-                        continue
+                        if not isinstance(e, RayTaskError):  # the worker itself died
+                            queue.appendleft(b)
+                            resubmitted += 1
+                            self._replace(w, type(e).__name__)
+                            continue
+                        # the worker is alive and its task raised another actor's death (ray.get's
+                        # RayTaskError also takes its cause's type), e.g. a retriever replica's
+                        # after the search's own re-sends: a task failure, the worker is kept
+                        err = e
                     except (RayTaskError, RayError) as e:
+                        err = e
+                    if err is not None:
                         b.attempts += 1
                         if b.attempts > _MAX_TASK_RETRIES:
                             raise RuntimeError(f"rollout: batch {b.bid} failed {b.attempts} times; "
-                                               f"last error: {e}") from e
-                        lines = [x for x in str(e).strip().splitlines() if x.strip()]
+                                               f"last error: {err}") from err
+                        lines = [x for x in str(err).strip().splitlines() if x.strip()]
                         log.warning("rollout batch %d failed on worker %d (%s); retrying", b.bid,
-                                    w.wid, lines[-1] if lines else type(e).__name__)
+                                    w.wid, lines[-1] if lines else type(err).__name__)
                         queue.append(b)
                         resubmitted += 1
                         continue

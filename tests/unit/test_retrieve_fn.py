@@ -86,3 +86,37 @@ def test_a_hung_retriever_times_out_naming_the_setting():
                                            r"7\.5s \(retriever.call_timeout_s\)"):
         _retrieve_fn(Handle(), timeout_s=7.5)(["a", "b"], 3)
     assert resp.timeouts == [7.5] and resp.cancelled       # bounded, and the call is cancelled
+
+
+class _DyingOnce:
+    """A handle whose first ``dead`` calls land on a replica that dies with the call in flight."""
+
+    def __init__(self, dead, exc):
+        self.calls, self.dead, self.exc = 0, dead, exc
+        outer = self
+
+        class M:
+            def remote(self, queries, topk):
+                outer.calls += 1
+                if outer.calls <= outer.dead:
+                    class R:
+                        def result(self, timeout_s=None):
+                            raise outer.exc
+                    return R()
+                return _Response([[q] for q in queries])
+
+        self.retrieve = M()
+
+
+def test_a_search_whose_replica_died_is_sent_again(monkeypatch):
+    import actors.rollout_worker as rw
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    monkeypatch.setattr(rw.time, "sleep", lambda s: None)
+    for exc in (ActorDiedError(), ActorUnavailableError("restarting", None)):
+        h = _DyingOnce(2, exc)
+        assert _retrieve_fn(h, 5.0)(["a", "b"], 3) == [["a"], ["b"]] and h.calls == 3
+    h = _DyingOnce(99, ActorDiedError())
+    with pytest.raises(RuntimeError, match=r"replica died 4 times during one search"):
+        _retrieve_fn(h, 5.0)(["a"], 3)
+    assert h.calls == 4
