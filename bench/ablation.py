@@ -42,7 +42,15 @@ paired within a draw, so a draw whose warm start was trained on another machine 
 there) is still a fair draw; the table's "mean ± sd over draws" then also spans that. The
 project's own draws are archived in bench/results/ablation/ (what the closing notes quote).
 
-Time, estimated from the per-step figures measured on 2026-12-07 (AVX2 EPYC, 2 cores, fp32; not a
+Time, measured 2026-12-08 (AVX512-BF16 EPYC, 2 cores, bf16; --draws 1 with the defaults, nothing
+else running): 91.4 min in all — warm start 20 min (38 steps of 8, 26-40 s each), its index 1 min,
+test evaluation 300 questions 5-6.5 min per policy (1.0-1.3 s a question), G 8 GRPO steps 22 min
+(109-192 s a step: rollout 40-58 s, train 68-139 s), G+O 14 min (pool of 160 rollouts 129 s, dev
+validation 100 questions 98-141 s x 3, LoRA steps 28-50 s), G+G 4 steps 10 min. So ~63 min a
+draw after the warm start: the 3-draw defaults take ~3.5 h on this kind of machine, over the
+issue's 150 min; one draw a session, pooled with --archive / --include, is what fits.
+
+Earlier estimate, from the per-step figures measured on 2026-12-07 (AVX2 EPYC, 2 cores, fp32; not a
 timed run of the defaults): the warm start ~31 min once (cached), greedy evaluation ~2.3-3.3 s per
 question (300 questions: 12-16 min per arm), a GRPO step of 8 questions ~4.8 min. Per draw: G ~38 min
 + eval, G+O ~20 min + eval, G+G 4 steps ~19 min + eval: ~2 h a draw, ~6-7 h for the defaults.
@@ -149,6 +157,38 @@ What each lever did (record here; EM points on the --eval questions):
     (the leak is gone), kept step 4. But on the test questions G+O vs G: 0 up / 5 down (p = 0.063),
     58.3 overall (comparison 76.2 -> 61.9); 10 greedy answers changed. 2 dev questions of 60 is
     within validation noise: the step it picked did not generalise. 24 min (pool reused).
+  - 2026-12-08 (session 15), a new machine kind (AVX512-BF16 EPYC: bf16 training and rollouts),
+    nothing cached from earlier sessions, so a new warm start (same settings; test EM 52.7, not
+    60.8: another machine's bf16 numerics and draw of noise). The bench's DEFAULTS, --draws 1:
+    --grpo-steps 8, --eval 300, --dev 100, OPSD = the paper form (Eq. 7 over every policy token,
+    teacher shown the whole reference), opsd.lr 1e-4, 32 pool questions x K=5, 8 LoRA steps.
+    Archived in bench/results/ablation/draw0 (python -m bench.ablation --report-only --include
+    bench/results/ablation rebuilds the report).
+
+        policy      bridge  comparison  single_hop  two_hop   avg   overall  searches
+        warm start   67.6      36.7        62.0       39.2    51.3   52.7     1.87
+        G            70.3      40.0        62.0       40.5    53.2   54.3     1.88
+        G+O          55.4      35.0        68.5       33.8    48.2   50.0     1.69
+        G+G          73.0      36.7        59.8       43.2    53.2   54.3     1.87
+
+    G vs warm start 7 up / 2 down (p = 0.18; no type down): 8 steps at lr 1e-5 change only 9 of
+    300 greedy answers, nearly all for the better — GRPO at this lr is safe but slow. G+G vs G
+    5 / 5 (p = 1). G+O vs G 11 up / 24 down (p = 0.041): bridge 1/12, two_hop 1/6, comparison
+    1/4, single_hop 8/2; G+O vs G+G 12 / 25 (p = 0.047). grpo_gain +1.8, opsd_gain_over_grpo -5.0,
+    opsd_vs_more_grpo -5.0. OPSD: 26 pairs of 32 questions (23 incorrect students), KL 0.100 ->
+    0.090, clip fraction 3.5e-8, dev EM 0.59 / 0.60 / 0.51 at steps 0 / 4 / 8 with searches
+    1.81 / 1.61 / 1.34; validation kept step 4 (+1 dev question: noise) and the test paid 4.3
+    points. No answer was named before searching at lr 1e-4 (session 14's leak needed 2e-4 and
+    8+ steps); what OPSD taught here is to SEARCH LESS: test searches 1.88 -> 1.69, on every type.
+    Why, from pairs.parquet: 12 of the 26 pairs are single-hop (every single-hop question gave a
+    pair; 46 % of pairs against 31 % of the test), and their references — the correct rollout
+    with the fewest searches, the paper's rule — searched once (11 of 12), while 9 of those 12 students
+    searched more than their reference (2-3 times). The multi-hop references searched twice (two_hop 2-3, bridge 2), i.e. were
+    not lucky shortcuts. So the loudest lesson in the batch is "answer after one search", and the
+    135M student applies it to every type: the multi-hop questions that need the second search
+    are lost. Levers this points to (not yet run): pairs balanced per question type, or only
+    pairs whose student searched no more than its reference (so search count is not what is
+    distilled), then the teacher template.
 """
 
 from __future__ import annotations
