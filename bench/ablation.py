@@ -182,9 +182,9 @@ What each lever did (record here; EM points on the --eval questions):
     8+ steps); what OPSD taught here is to SEARCH LESS: test searches 1.88 -> 1.69, on every type.
     Why, from pairs.parquet: 12 of the 26 pairs are single-hop (every single-hop question gave a
     pair; 46 % of pairs against 31 % of the test), and their references — the correct rollout
-    with the fewest searches, the paper's rule — searched once (11 of 12), while 9 of those 12 students
-    searched more than their reference (2-3 times). The multi-hop references searched twice (two_hop 2-3, bridge 2), i.e. were
-    not lucky shortcuts. So the loudest lesson in the batch is "answer after one search", and the
+    with the fewest searches, the paper's rule — searched once (11 of 12), while 9 of those 12
+    students searched more than their reference (2-3 times). The multi-hop references searched
+    twice (two_hop 2-3, bridge 2), i.e. were not lucky shortcuts. So the loudest lesson in the batch is "answer after one search", and the
     135M student applies it to every type: the multi-hop questions that need the second search
     are lost. Levers this points to (not yet run): pairs balanced per question type, or only
     pairs whose student searched no more than its reference (so search count is not what is
