@@ -240,6 +240,10 @@ ABLATION_OVERRIDES = [
     "opsd.eval_every=4", "opsd.lr=1e-4", "opsd.lora_r=16", "opsd.lora_alpha=32",
 ]
 
+# OPSD levers added after draws were archived (bench/results/ablation): at these values (the
+# paper's behaviour) they are left out of the G+O key, so archived arms keep their folders
+NEUTRAL_OPSD = {"student_searches": "any"}
+
 ARMS = ("G", "G+O", "G+G")
 ROWS = ("warm start", "G", "G+O", "G+G")
 
@@ -309,7 +313,8 @@ def arm_key(cfg, args, name: str) -> str:
     elif name == "G":
         blob = base
     elif name == "G+O":
-        blob = {**base, "opsd": d["opsd"], "dev": args.dev}
+        opsd = {k: v for k, v in d["opsd"].items() if NEUTRAL_OPSD.get(k, object()) != v}
+        blob = {**base, "opsd": opsd, "dev": args.dev}
     else:
         blob = {**base, "budget": [d["opsd"]["questions_per_round"], d["opsd"]["samples_per_question"]]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:8]

@@ -230,6 +230,9 @@ class OPSDConfig:
     # (1 = the paper: every policy token the same). bench/opsd_signal.py found 99.8 % of the
     # KL on thinking / query wording and 0.2 % on the answer, where the teacher's correction is
     action_weight: float = 1.0
+    # which mined pairs are trained on (pairs.filter_by_searches): "any" = all (the paper);
+    # "at_most_reference" = only those whose student searched no more often than its reference
+    student_searches: Literal["any", "at_most_reference"] = "any"
     teacher_template: str = (
         "{instruction} Question: {question}\n\n"
         "Here is a reference solution that reached the correct answer:\n{reference}\n\n"

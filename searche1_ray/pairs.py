@@ -105,6 +105,24 @@ def mine_group(rows: Sequence[dict[str, Any]], num_references: int = 1) -> dict[
     return out
 
 
+STUDENT_SEARCH_RULES = ("any", "at_most_reference")
+
+
+def filter_by_searches(pairs: Sequence[dict[str, Any]], rule: str = "any") -> list[dict[str, Any]]:
+    """The pairs ``opsd.student_searches`` trains on. "any" = every mined pair (the paper).
+    "at_most_reference" = only pairs whose student searched no more often than its reference
+    (``reference_num_searches[0]``): the reference is the correct rollout with the *fewest*
+    searches, so a student that searched more learns above all to search less — which a small
+    policy then applies to multi-hop questions that need the searches (bench/ablation.py,
+    2026-12-08: single-hop pairs with one-search references were 46 % of a round's pairs and
+    test searches fell 1.88 -> 1.69 on every question type)."""
+    if rule not in STUDENT_SEARCH_RULES:
+        raise ValueError(f"opsd.student_searches must be one of {STUDENT_SEARCH_RULES}, got {rule!r}")
+    if rule == "any":
+        return list(pairs)
+    return [p for p in pairs if int(p["student_num_searches"]) <= int(p["reference_num_searches"][0])]
+
+
 def pair_counts(mined: Iterable[dict[str, Any]]) -> dict[str, int]:
     """Counts over mined rows: questions, pairs, dropped (+ by reason), student kinds."""
     c = {"questions": 0, "pairs": 0, "dropped": 0, "dropped_no_correct": 0, "dropped_no_student": 0,

@@ -131,7 +131,7 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
     from transformers import AutoTokenizer
 
     from searche1_ray.evaluation import evaluate_split
-    from searche1_ray.pairs import mine_pairs
+    from searche1_ray.pairs import filter_by_searches, mine_pairs
     from searche1_ray.training.opsd_task import OPSDTask, make_sample
     from searche1_ray.training.runner import TrainRunner
 
@@ -179,6 +179,11 @@ def run_opsd_round(cfg: Config, pool: Any, policy: str, train_questions: Sequenc
                     "opsd/dropped_no_correct": counts["dropped_no_correct"],
                     "opsd/incorrect_student": counts["incorrect_student"],
                     "opsd/correct_fallback": counts["correct_fallback"]})
+    kept = filter_by_searches(pairs, o.student_searches)
+    if len(kept) < len(pairs):
+        log.info("opsd: %d of %d pairs kept (opsd.student_searches=%s)", len(kept), len(pairs), o.student_searches)
+    metrics["opsd/pairs_searches_cut"] = len(pairs) - len(kept)
+    pairs = kept
     tokenizer = AutoTokenizer.from_pretrained(policy)
     samples = [s for s in (make_sample(p, tokenizer, cfg) for p in pairs) if s is not None]
     metrics["opsd/samples"] = len(samples)

@@ -186,3 +186,21 @@ def test_ablation_scores_the_warm_start_once_and_records_it_in_every_draw(tmp_pa
     _write_arm(legacy, "warm start", {"q0": 1, "q1": 1}, None)
     ab = Ablation(args, cfg, tmp_path / "old", [], [], test, pool=None, warm="/warm")
     assert ab.warm_arm(0)["em"] == 1.0 and len(calls) == 1
+
+
+def test_the_archived_draws_are_found_with_the_default_settings():
+    """bench/results/ablation holds draws run in earlier sessions; a later session adds draws
+    with --include. That only pools if today's defaults give the archived arms' keys: a change of
+    the bench's settings (or of configs/smoke.yaml) makes new arms, and this test says so. New
+    OPSD levers at their neutral value (NEUTRAL_OPSD) keep the keys."""
+    from pathlib import Path
+
+    from bench.ablation import ARMS, _draw_cfg, make_locate, parse_args
+
+    archive = Path(__file__).resolve().parents[2] / "bench" / "results" / "ablation"
+    args = parse_args(["--draws", "1", "--include", str(archive)])
+    locate = make_locate(args, _draw_cfg(args), archive / "none")
+    for name in ("warm start", *ARMS):
+        assert (locate(0, name) / "arm.json").is_file(), (
+            f"the archived draw 0's {name} arm is not found under today's default settings "
+            f"({locate(0, name).name}): a default changed; archive new draws separately or restore it")

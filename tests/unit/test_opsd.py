@@ -415,3 +415,18 @@ def test_weighted_mask_direct_and_lean_match_the_weighted_loop(seed, agg, chunk)
     # all-ones weights are the binary mask exactly
     assert clipped_forward_kl(s_logits, ht @ w.T, mask.to(torch.float64), 10.0, agg=agg).item() == \
         pytest.approx(clipped_forward_kl(s_logits, ht @ w.T, mask, 10.0, agg=agg).item(), abs=1e-12)
+
+
+def test_student_searches_rule_keeps_pairs_whose_student_searched_no_more_than_its_reference():
+    from searche1_ray.config import load_config
+    from searche1_ray.pairs import filter_by_searches
+
+    pairs = [{"question_id": q, "student_num_searches": s, "reference_num_searches": [r]}
+             for q, s, r in (("a", 2, 1), ("b", 1, 1), ("c", 1, 2), ("d", 3, 2))]
+    assert filter_by_searches(pairs) == pairs                       # "any": the paper
+    assert [p["question_id"] for p in filter_by_searches(pairs, "at_most_reference")] == ["b", "c"]
+    with pytest.raises(ValueError, match="opsd.student_searches"):
+        filter_by_searches(pairs, "fewer")
+    assert load_config(None, ["opsd.student_searches=at_most_reference"]).opsd.student_searches == "at_most_reference"
+    with pytest.raises(Exception, match="opsd.student_searches"):
+        load_config(None, ["opsd.student_searches=fewer"])
