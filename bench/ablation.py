@@ -186,9 +186,17 @@ What each lever did (record here; EM points on the --eval questions):
     students searched more than their reference (2-3 times). The multi-hop references searched
     twice (two_hop 2-3, bridge 2), i.e. were not lucky shortcuts. So the loudest lesson in the batch is "answer after one search", and the
     135M student applies it to every type: the multi-hop questions that need the second search
-    are lost. Levers this points to (not yet run): pairs balanced per question type, or only
-    pairs whose student searched no more than its reference (so search count is not what is
-    distilled), then the teacher template.
+    are lost.
+    Same draw, lever opsd.student_searches=at_most_reference (only pairs whose student searched
+    no more often than its reference; same pool, G and G+G reused; 7.5 min for the round): 12 of
+    the 26 pairs kept (single_hop 3, bridge 3, two_hop 5, comparison 1), KL 0.154 -> 0.100, dev
+    EM 0.59 / 0.57 / 0.48 at steps 0 / 4 / 8 with searches 1.81 / 1.65 / 1.38 — the same fall
+    as with every pair. So the pair mix is not the cause: the teacher itself, having read a
+    reference whose <information> blocks hold the facts (Eq. 4), prefers answering to searching
+    at the student's decision points, and distilling it teaches any student to search less.
+    Validation kept step 0 (G+O = G). Next levers: the teacher shown the reference without its
+    <information> (opsd.teacher_reference=policy_text), or the KL left off the search/answer
+    decision tokens; a search agent's teacher must not be better informed than its own actions.
 """
 
 from __future__ import annotations
