@@ -191,9 +191,11 @@ What each lever did (record here; EM points on the --eval questions):
     no more often than its reference; same pool, G and G+G reused; 7.5 min for the round): 12 of
     the 26 pairs kept (single_hop 3, bridge 3, two_hop 5, comparison 1), KL 0.154 -> 0.100, dev
     EM 0.59 / 0.57 / 0.48 at steps 0 / 4 / 8 with searches 1.81 / 1.65 / 1.38 — the same fall
-    as with every pair. So the pair mix is not the cause: the teacher itself, having read a
-    reference whose <information> blocks hold the facts (Eq. 4), prefers answering to searching
-    at the student's decision points, and distilling it teaches any student to search less.
+    as with every pair. So the pair mix is not the main cause; what is left points at the
+    teacher itself: having read a reference whose <information> blocks hold the facts (Eq. 4),
+    it prefers answering to searching at the student's decision points, and distilling it
+    teaches the student to search less (not yet measured token by token: bench/opsd_signal.py
+    on these pairs would show the teacher's vs the student's probability of "<search>" there).
     Validation kept step 0 (G+O = G). Next levers: the teacher shown the reference without its
     <information> (opsd.teacher_reference=policy_text), or the KL left off the search/answer
     decision tokens; a search agent's teacher must not be better informed than its own actions.
