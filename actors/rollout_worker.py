@@ -504,17 +504,17 @@ class RolloutPool:
                     err: BaseException | None = None
                     try:
                         out = ray.get(ref)
-                    except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
-                        if not isinstance(e, RayTaskError):  # the worker itself died
-                            queue.appendleft(b)
-                            resubmitted += 1
-                            self._replace(w, type(e).__name__)
-                            continue
-                        # the worker is alive and its task raised another actor's death (ray.get's
-                        # RayTaskError also takes its cause's type), e.g. a retriever replica's
-                        # after the search's own re-sends: a task failure, the worker is kept
+                    except RayTaskError as e:
+                        # the worker is alive and its task raised; first, because ray.get's
+                        # RayTaskError also takes its cause's type: another actor's death (a
+                        # retriever replica's, after the search's own re-sends) is a task failure
                         err = e
-                    except (RayTaskError, RayError) as e:
+                    except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                        queue.appendleft(b)            # the worker itself died
+                        resubmitted += 1
+                        self._replace(w, type(e).__name__)
+                        continue
+                    except RayError as e:
                         err = e
                     if err is not None:
                         b.attempts += 1

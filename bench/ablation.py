@@ -432,26 +432,31 @@ class Ablation:
         another machine or in another session carries its own warm start's answers, and each
         draw's comparisons are paired within it); evaluated once per run, copied to later draws."""
         where = arm_dir(self.out, self.cfg, self.args, d, "warm start")
-        done = where / "arm.json"
-        if done.is_file() and json.loads(done.read_text()).get("n") == len(self.test):
+        rec = self._scored(where)
+        if rec is not None:
             self._warm_done = where
-            return json.loads(done.read_text())
+            return rec
         legacy = arm_dir(self.out, self.cfg, self.args, None, "warm start")  # one folder for all draws (before session 15)
-        if self._warm_done is None and (legacy / "arm.json").is_file() \
-                and json.loads((legacy / "arm.json").read_text()).get("n") == len(self.test):
+        if self._warm_done is None and self._scored(legacy) is not None:
             self._warm_done = legacy
         where.mkdir(parents=True, exist_ok=True)
         if self._warm_done is not None:  # the same warm policy, scored already in this run folder
             shutil.copy(self._warm_done / "eval.parquet", where / "eval.parquet")
-            rec = json.loads((self._warm_done / "arm.json").read_text())
+            rec = self._scored(self._warm_done)
         else:
             self.version = 1
             self._serve(self.warm)
             r = self._eval(where, "warm start")
             rec = {"arm": "warm start", "policy": self.warm, "eval_s": r["seconds"], "em": r["em"], "n": r["n"]}
-        _atomic_json(done, {**rec, "draw": d})
+        _atomic_json(where / "arm.json", {**rec, "draw": d})
         self._warm_done = where
         return rec
+
+    def _scored(self, folder: Path) -> dict | None:
+        """``folder``'s arm.json when it holds a score on this run's test questions, else None."""
+        f = folder / "arm.json"
+        rec = json.loads(f.read_text()) if f.is_file() else None
+        return rec if rec is not None and rec.get("n") == len(self.test) else None
 
     def arm(self, d: int, name: str) -> dict:
         """Run (or read back) arm ``name`` of draw ``d``."""
